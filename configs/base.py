@@ -1,0 +1,93 @@
+"""Shared base of every moe_jax config: a tiny decoder LM on the embedded corpus.
+
+Every config file in this folder starts from `get_base_config()` and changes
+only what its experiment is about. Run any of them with
+
+  python -m moe_jax.train --config=configs/switch_top1.py --workdir=runs/switch
+
+and override single values with `--config.model.moe.num_experts=16`.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the defaults shared by all configs (a Switch top-1 MoE LM)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- data: the embedded corpus (moe_jax.data) or a prepared TFDS corpus.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "embedded"  # "embedded" | "tfds"
+  # Embedded corpus: which parts of the Python installation to include.
+  config.data.domains = ("code", "prose")  # add "dialog" with [multilingual]
+  config.data.max_code_bytes = 4_000_000  # caps the (large) stdlib source
+  config.data.validation_fraction = 0.05
+  # TFDS corpora (lm1b, c4, ...), read from an already prepared data_dir.
+  config.data.tfds_name = ""
+  config.data.tfds_text_key = "text"
+  config.data.tfds_train_split = "train"
+  config.data.tfds_eval_split = "test"
+  config.data.data_dir = ""  # "" = ~/.cache/moe_jax/tensorflow_datasets
+  config.data.seq_len = 128
+  config.data.batch_size = 16
+  config.data.eval_batch_size = 32
+  config.data.num_eval_batches = 8
+
+  # ---- model: decoder-only transformer; MoE replaces every moe_every-th FFN.
+  config.model = ml_collections.ConfigDict()
+  config.model.d_model = 128
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.mlp_dim = 512  # width of the dense FFN blocks
+  config.model.activation = "gelu"  # "relu" | "gelu" | "silu"
+  config.model.gated = False  # gated linear unit FFN (GEGLU / SwiGLU)
+  config.model.dropout_rate = 0.0
+  config.model.dtype = "float32"  # activations; the router stays float32
+  config.model.moe_every = 2  # 1: all layers; 2: every other (Switch, GLaM)
+  config.model.moe = ml_collections.ConfigDict()
+  config.model.moe.num_experts = 8  # 0 = dense model
+  config.model.moe.router = "switch"  # see moe_jax.routing.ROUTERS
+  config.model.moe.top_k = 1
+  config.model.moe.expert_dim = 512  # F, hidden width of each expert
+  config.model.moe.group_size = 512  # S, tokens routed together
+  config.model.moe.capacity_factor = 1.25
+  config.model.moe.eval_capacity_factor = 2.0
+  config.model.moe.capacity_rule = "switch"  # see moe_jax.routing.CAPACITY_RULES
+  config.model.moe.min_capacity = 4
+  config.model.moe.priority = "k_major"  # "k_major" | "token_major" | "batch_priority"
+  config.model.moe.second_policy = "all"  # GShard: "all" | "random" | "threshold"
+  config.model.moe.second_threshold = 0.2
+  config.model.moe.renormalize_after_drop = False
+  config.model.moe.dispatch = "indices"  # "einsum" | "indices"
+  config.model.moe.router_init_scale = 0.1  # Switch: 0.1x the default init
+  config.model.moe.router_jitter = 0.0  # Switch App. C uses 1e-2
+  config.model.moe.router_bias = False
+
+  # ---- loss: LM cross-entropy + coefficient x each auxiliary loss.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.load_balancing = "switch"  # see moe_jax.losses.LOAD_BALANCING_LOSSES
+  config.loss.load_balancing_weight = 1e-2
+  config.loss.router_z_loss_weight = 0.0
+  config.loss.layer_reduction = "sum"  # over MoE layers: "sum" (Switch) | "mean"
+
+  # ---- optimizer: AdamW, linear warmup then cosine decay.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.schedule = "cosine"  # "cosine" | "linear" | "constant"
+  config.optimizer.final_learning_rate_fraction = 0.1
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.98
+  config.optimizer.grad_clip_norm = 1.0
+
+  # ---- train loop.
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1500
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  config.train.max_checkpoints_to_keep = 2
+  config.train.progress_bar = True
+  return config

@@ -1,0 +1,264 @@
+"""Trains an MoE (or dense) language model from a config file.
+
+  python -m moe_jax.train --config=configs/switch_top1.py --workdir=runs/switch \
+      --config.model.moe.num_experts=16
+
+Re-running the same command with the same --workdir resumes from the latest
+checkpoint and continues exactly as an uninterrupted run would: the state,
+the input pipeline's position and the metric log are restored together, and
+every step's randomness is derived from (seed, step).
+
+The workdir receives config.json, run_info.json (git revision, versions),
+metrics.jsonl, TensorBoard events, checkpoints/ and summary.png.
+"""
+
+import functools
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_jax import data, plotting, writers
+from moe_jax.checkpoint import Checkpointer
+from moe_jax.models import TransformerConfig, TransformerLM
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; checkpointed as one pytree."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
+  """AdamW with linear warmup, then cosine/linear decay (or constant)."""
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  end = peak * opt.final_learning_rate_fraction
+  decay_steps = max(num_steps - warmup, 1)
+  decays = {
+    "cosine": optax.cosine_decay_schedule(peak, decay_steps, end / peak),
+    "linear": optax.linear_schedule(peak, end, decay_steps),
+    "constant": optax.constant_schedule(peak),
+  }
+  if opt.schedule not in decays:
+    raise ValueError(
+      f"unknown schedule={opt.schedule!r}; allowed: {sorted(decays)}."
+    )
+  schedule = optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup), decays[opt.schedule]], [warmup]
+  )
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+    optax.clip_by_global_norm(opt.grad_clip_norm),
+    optax.adamw(schedule, opt.b1, opt.b2, weight_decay=opt.weight_decay,
+                mask=decay_mask),
+  )
+  return tx, schedule
+
+
+def _layer_values(collection) -> dict[str, jax.Array]:
+  """{"layer_01/name": value} from a sown collection {layer: {moe: {name: (v,)}}}."""
+  out = {}
+  for layer, modules in collection.items():
+    for name, values in modules["moe"].items():
+      out[f"{layer}/{name}"] = values[0]
+  return out
+
+
+def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
+  """LM cross-entropy + weight x each auxiliary loss, and what to log."""
+  logits_BLV, sown = model.apply(
+    {"params": params},
+    batch["inputs"],
+    batch["mask"] > 0,
+    deterministic=deterministic,
+    rngs=rngs,
+    mutable=["aux_loss", "moe_metrics"],
+  )
+  mask_BL = batch["mask"].astype(jnp.float32)
+  token_losses_BL = optax.softmax_cross_entropy_with_integer_labels(
+    logits_BLV, batch["targets"]
+  )
+  lm_loss = jnp.sum(token_losses_BL * mask_BL) / jnp.maximum(mask_BL.sum(), 1)
+  aux = _layer_values(sown.get("aux_loss", {}))
+  reduce = {"sum": jnp.sum, "mean": jnp.mean}[loss_config.layer_reduction]
+  terms = {}
+  for name in ("load_balancing_loss", "router_z_loss"):
+    per_layer = [v for k, v in aux.items() if k.endswith(name)]
+    terms[name] = reduce(jnp.stack(per_layer)) if per_layer else 0.0
+  total = (
+    lm_loss
+    + loss_config.load_balancing_weight * terms["load_balancing_loss"]
+    + loss_config.router_z_loss_weight * terms["router_z_loss"]
+  )
+  logged = {"loss": total, "lm_loss": lm_loss}
+  logged.update({f"aux/{k}": v for k, v in terms.items()})
+  logged.update(
+    {f"moe/{k}": v for k, v in _layer_values(sown.get("moe_metrics", {})).items()}
+  )
+  return total, logged
+
+
+def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
+  """One optimizer step; randomness derived from (seed, step)."""
+  step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  names = ("jitter", "routing", "dropout")
+  rngs = dict(zip(names, jax.random.split(step_key, len(names))))
+  grad_fn = jax.value_and_grad(
+    functools.partial(compute_loss, model=model, loss_config=loss_config,
+                      deterministic=False),
+    has_aux=True,
+  )
+  (_, logged), grads = grad_fn(state.params, batch, rngs)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  logged["grad_norm"] = optax.global_norm(grads)
+  logged["learning_rate"] = schedule(state.step)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state)
+  return new_state, logged
+
+
+def eval_step(params, batch, *, model, loss_config):
+  """Deterministic loss and routing metrics of one batch (eval capacity)."""
+  _, logged = compute_loss(params, batch, {}, model=model,
+                           loss_config=loss_config, deterministic=True)
+  return logged
+
+
+def evaluate(eval_fn, params, batches) -> dict[str, Any]:
+  """Mean of each eval metric over the fixed validation batches."""
+  per_batch = [jax.device_get(eval_fn(params, b)) for b in batches]
+  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
+
+
+def _host_metrics(prefix: str, logged: dict) -> dict[str, Any]:
+  out = {}
+  for key, value in jax.device_get(logged).items():
+    value = np.asarray(value)
+    out[f"{prefix}/{key}"] = value.tolist() if value.ndim else float(value)
+  return out
+
+
+def init_state(config, model, tx, batch) -> TrainState:
+  """Fresh parameters and optimizer state (params rng: fold_in(seed, -1))."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+  params = jax.jit(model.init)(rng, batch["inputs"])["params"]
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Runs (or resumes) training in `workdir`; returns the final metrics."""
+  # ---- Data, model, optimizer.
+  train_iter = data.create_train_iterator(config.data, seed=config.seed)
+  eval_batches = data.create_eval_batches(config.data)
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  num_steps = config.train.num_steps
+  tx, schedule = make_optimizer(config.optimizer, num_steps)
+  step_fn = jax.jit(
+    functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                      loss_config=config.loss, seed=config.seed),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    functools.partial(eval_step, model=model, loss_config=config.loss)
+  )
+
+  # ---- Fresh start or resume from the latest checkpoint.
+  writers.write_run_info(workdir, config)
+  writer = writers.MetricWriter(workdir)
+  ckpt = Checkpointer(
+    f"{workdir}/checkpoints",
+    max_to_keep=config.train.max_checkpoints_to_keep,
+    save_interval_steps=config.train.checkpoint_every,
+  )
+  state = init_state(config, model, tx, eval_batches[0])
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state)
+    train_iter.set_state(data_state)
+    writer.truncate_after(int(state.step))
+  start = int(state.step)
+  baseline = data.unigram_baseline(config.data)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"parameters: {n_params:,}; steps {start} -> {num_steps}; "
+        f"unigram baseline {baseline:.3f} nats/token")
+
+  # ---- Train; step t's metrics are read after step t+1 is dispatched.
+  pending, last_eval, tick = None, {}, time.perf_counter()
+  bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps,
+                  disable=not config.train.progress_bar, desc="train")
+  for step in bar:
+    state, logged = step_fn(state, next(train_iter))
+    if pending is not None:
+      _report(writer, bar, *pending)
+      pending = None
+    done = step + 1
+    if done % config.train.log_every == 0 or done == num_steps:
+      pending = (done, logged, time.perf_counter() - tick)
+      tick = time.perf_counter()
+    if done % config.train.eval_every == 0 or done == num_steps:
+      last_eval = _host_metrics("eval", evaluate(eval_fn, state.params,
+                                                 eval_batches))
+      last_eval["eval/unigram_baseline"] = baseline
+      writer.write(done, last_eval)
+    ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
+  if pending is not None:
+    _report(writer, bar, *pending)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+
+  # ---- Final summary.
+  plot_path = plotting.plot_run(workdir)
+  _print_summary(last_eval, baseline, plot_path)
+  return last_eval
+
+
+def _report(writer, bar, step, logged, seconds):
+  metrics = _host_metrics("train", logged)
+  if not np.isfinite(metrics["train/loss"]):
+    raise FloatingPointError(f"loss is {metrics['train/loss']} at step {step}.")
+  metrics["train/seconds_since_last_log"] = seconds
+  writer.write(step, metrics)
+  bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}")
+
+
+def _print_summary(last_eval, baseline, plot_path):
+  if not last_eval:
+    print(f"nothing left to train; plot: {plot_path}")
+    return
+  loss = last_eval["eval/lm_loss"]
+  print(f"\nvalidation loss {loss:.4f} nats/token "
+        f"({loss / np.log(2):.3f} bits/byte), unigram baseline "
+        f"{baseline:.4f}: {loss / baseline:.1%} of it")
+  for key in sorted(last_eval):
+    if key.endswith(("/drop_fraction", "/max_violation", "/router_entropy")):
+      print(f"  {key:48s} {last_eval[key]:.4f}")
+  print(f"plot: {plot_path}")
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file in configs/.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the run.")
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

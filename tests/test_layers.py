@@ -1,0 +1,220 @@
+"""Tests of moe_jax.layers: Router, Experts, MoeLayer against NumPy references."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.layers import Experts, MoeConfig, MoeLayer, Router
+
+D, F, E = 8, 16, 4
+
+
+def _config(**overrides):
+  base = dict(num_experts=E, expert_dim=F, group_size=16, min_capacity=0,
+              activation="relu")
+  base.update(overrides)
+  return MoeConfig(**base)
+
+
+def _init(config, x_BLD):
+  layer = MoeLayer(config)
+  params = layer.init(jax.random.key(0), x_BLD, deterministic=True)["params"]
+  return layer, params
+
+
+def _numpy_expert(params, e, x_ND):
+  wi = np.asarray(params["experts"]["wi"], np.float64)[e]
+  wo = np.asarray(params["experts"]["wo"], np.float64)[e]
+  return np.maximum(x_ND @ wi, 0.0) @ wo
+
+
+def test_soft_mixture_limit_matches_float64_reference():
+  """K = E with ample capacity is the dense soft mixture of Jacobs et al. 1991:
+  y_t = sum_e softmax(x_t W_r)_e FFN_e(x_t), computed here in float64 NumPy."""
+  x_BLD = jax.random.normal(jax.random.key(1), (2, 8, D))
+  config = _config(router="top_k", top_k=E, eval_capacity_factor=4.0)
+  layer, params = _init(config, x_BLD)
+  y_BLD = layer.apply({"params": params}, x_BLD, deterministic=True)
+
+  x_ND = np.asarray(x_BLD, np.float64).reshape(-1, D)
+  logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
+  p_NE = np.exp(logits_NE - logits_NE.max(-1, keepdims=True))
+  p_NE /= p_NE.sum(-1, keepdims=True)
+  expected_ND = sum(p_NE[:, e:e + 1] * _numpy_expert(params, e, x_ND)
+                    for e in range(E))
+  np.testing.assert_allclose(np.asarray(y_BLD).reshape(-1, D), expected_ND,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_switch_top1_matches_float64_reference_with_drops():
+  """Switch Eq. 2 with capacity (Eq. 3): y_t = p_{e*} FFN_{e*}(x_t) for the
+  first C tokens (in order) choosing each expert, exactly 0 for the rest."""
+  x_BLD = jax.random.normal(jax.random.key(2), (1, 16, D))
+  # switch rule: C = ceil(16 / 4 * 0.5) = 2 slots per expert.
+  config = _config(eval_capacity_factor=0.5)
+  layer, params = _init(config, x_BLD)
+  y_ND = np.asarray(layer.apply({"params": params}, x_BLD, deterministic=True))[0]
+
+  x_ND = np.asarray(x_BLD, np.float64)[0]
+  logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
+  p_NE = np.exp(logits_NE - logits_NE.max(-1, keepdims=True))
+  p_NE /= p_NE.sum(-1, keepdims=True)
+  used = [0] * E
+  expected_ND = np.zeros_like(x_ND)
+  for t in range(16):
+    e = int(np.argmax(p_NE[t]))
+    if used[e] < 2:
+      used[e] += 1
+      expected_ND[t] = p_NE[t, e] * _numpy_expert(params, e, x_ND[t:t + 1])[0]
+  np.testing.assert_allclose(y_ND, expected_ND, rtol=1e-4, atol=1e-5)
+  assert np.sum(np.all(y_ND == 0.0, axis=-1)) == 16 - sum(used)
+
+
+def test_zero_capacity_outputs_exact_zeros():
+  """With C = 0 every token is dropped: the layer adds exactly nothing."""
+  x_BLD = jax.random.normal(jax.random.key(3), (2, 8, D))
+  # flaxformer rule: C = round(0.01 * 16 / 4) = round(0.04) = 0.
+  config = _config(capacity_rule="flaxformer", eval_capacity_factor=0.01)
+  layer, params = _init(config, x_BLD)
+  y_BLD, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
+                            mutable=["moe_metrics"])
+  assert np.all(np.asarray(y_BLD) == 0.0)
+  assert float(sown["moe_metrics"]["drop_fraction"][0]) == 1.0
+
+
+def test_top1_router_gets_task_gradient_through_gate():
+  """Switch §2.1: the gate p_{e*} is the router's only task-loss gradient."""
+  x_BLD = jax.random.normal(jax.random.key(4), (2, 8, D))
+  layer, params = _init(_config(), x_BLD)
+
+  def task_loss(p):
+    return jnp.sum(layer.apply({"params": p}, x_BLD, deterministic=True) ** 2)
+
+  grad_router = jax.jit(jax.grad(task_loss))(params)["router"]["kernel"]
+  assert float(jnp.max(jnp.abs(grad_router))) > 1e-6
+
+
+@pytest.mark.parametrize("router,top_k", [("switch", 1), ("gshard", 2)])
+def test_einsum_and_index_dispatch_agree(router, top_k):
+  """Both dispatch backends give the same outputs and gradients."""
+  x_BLD = jax.random.normal(jax.random.key(5), (2, 16, D))
+  results = []
+  for backend in ("einsum", "indices"):
+    config = _config(router=router, top_k=top_k, dispatch=backend,
+                     eval_capacity_factor=0.75)
+    layer, params = _init(config, x_BLD)
+
+    def f(p, x, layer=layer):
+      return jnp.sum(jnp.sin(layer.apply({"params": p}, x, deterministic=True)))
+
+    value_and_grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    results.append(value_and_grads(params, x_BLD))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_takes_no_capacity_and_gets_no_output():
+  """REFERENCE (i): padded tokens take no slot, so the real tokens' drops and
+  outputs do not depend on what the padding holds."""
+  key1, key2 = jax.random.split(jax.random.key(6))
+  x_BLD = jax.random.normal(key1, (1, 16, D))
+  mask_BL = jnp.arange(16)[None] >= 6  # the first 6 tokens are padding
+  config = _config(eval_capacity_factor=0.5)  # C = 2: drops happen
+  layer, params = _init(config, x_BLD)
+  other_BLD = jnp.where(mask_BL[..., None], x_BLD,
+                        jax.random.normal(key2, x_BLD.shape) * 5)
+  y1 = layer.apply({"params": params}, x_BLD, mask_BL, deterministic=True)
+  y2 = layer.apply({"params": params}, other_BLD, mask_BL, deterministic=True)
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+  assert np.all(np.asarray(y1)[0, :6] == 0.0)
+
+
+def test_router_float32_under_bfloat16_and_jitter_only_in_training():
+  """Switch §2.4 selective precision; jitter (App. C) only in training."""
+  x_GSD = jax.random.normal(jax.random.key(7), (2, 8, D), jnp.bfloat16)
+  router = Router(E, jitter=0.1)
+  params = router.init(jax.random.key(0), x_GSD, deterministic=True)
+  assert params["params"]["kernel"].dtype == jnp.float32
+  logits = router.apply(params, x_GSD, deterministic=True)
+  assert logits.dtype == jnp.float32
+  train = [router.apply(params, x_GSD, deterministic=False,
+                        rngs={"jitter": jax.random.key(s)}) for s in (1, 2)]
+  assert not np.allclose(train[0], train[1])
+  eval_ = router.apply(params, x_GSD, deterministic=True,
+                       rngs={"jitter": jax.random.key(1)})
+  np.testing.assert_array_equal(np.asarray(eval_), np.asarray(logits))
+
+
+def test_router_init_scale():
+  """Switch §2.4: std = sqrt(scale / fan_in) (truncated normal)."""
+  x = jnp.zeros((1, 1, 1024))
+  kernel = Router(512, init_scale=0.1).init(
+    jax.random.key(0), x, deterministic=True)["params"]["kernel"]
+  assert abs(float(jnp.std(kernel)) - np.sqrt(0.1 / 1024)) < 0.05 * np.sqrt(
+    0.1 / 1024)
+
+
+def test_bfloat16_layer_runs_with_float32_routing():
+  x_BLD = jax.random.normal(jax.random.key(8), (2, 8, D)).astype(jnp.bfloat16)
+  layer, params = _init(_config(dtype="bfloat16", gated=True), x_BLD)
+  y, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
+                        mutable=["aux_loss"])
+  assert y.dtype == jnp.bfloat16
+  assert sown["aux_loss"]["load_balancing_loss"][0].dtype == jnp.float32
+
+
+def test_sown_losses_metrics_and_decisions():
+  x_BLD = jax.random.normal(jax.random.key(9), (2, 8, D))
+  config = _config(router="gshard", top_k=2, second_policy="random",
+                   eval_capacity_factor=4.0)
+  layer, params = _init(config, x_BLD)
+  _, sown = layer.apply(
+    {"params": params}, x_BLD, deterministic=False,
+    rngs={"routing": jax.random.key(1)},
+    mutable=["aux_loss", "moe_metrics", "intermediates"])
+  assert set(sown["aux_loss"]) == {"load_balancing_loss", "router_z_loss"}
+  assert sown["moe_metrics"]["expert_fraction"][0].shape == (E,)
+  assert sown["intermediates"]["expert_index"][0].shape == (2, 8, 2)
+  # At evaluation the random policy keeps every second choice (C = S).
+  _, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
+                        mutable=["intermediates"])
+  assert bool(jnp.all(sown["intermediates"]["kept"][0]))
+
+
+def test_experts_are_independent():
+  """Expert e's output depends only on its own slice of the stacked weights."""
+  x_EGCD = jax.random.normal(jax.random.key(10), (E, 1, 3, D))
+  experts = Experts(E, F)
+  params = experts.init(jax.random.key(0), x_EGCD)
+  y = experts.apply(params, x_EGCD)
+  poked = jax.tree.map(lambda w: w.at[1].multiply(2.0), params)
+  y_poked = experts.apply(poked, x_EGCD)
+  changed = np.any(np.asarray(y != y_poked), axis=(1, 2, 3))
+  np.testing.assert_array_equal(changed, [False, True, False, False])
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (dict(router="nope"), "unknown router='nope'"),
+    (dict(router="top_k", top_k=5), "top_k=5"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor=-1.0"),
+    (dict(dispatch="scatter"), "unknown dispatch='scatter'"),
+    (dict(priority="random"), "unknown priority='random'"),
+    (dict(router="switch", top_k=2), "top_k=2"),
+  ],
+)
+def test_bad_config_errors_name_the_value(overrides, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    _config(**overrides)
+
+
+def test_config_is_hashable_and_frozen():
+  config = _config()
+  hash(config)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.top_k = 2
