@@ -22,13 +22,15 @@ setup(
   install_requires=[
     "jax>=0.6.0,<0.12",
     "flax>=0.10.4,<0.13",
-    "optax>=0.2.4,<0.3",
+    "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11.0,<0.13",
     "chex>=0.1.88,<0.2",
     "ml-collections>=1.0,<2",
     "tensorflow-datasets>=4.9.7,<5",
     "array-record>=0.6",
     "grain>=0.2.10,<0.3",
+    # tfds imports it when preparing a builder defined in a package.
+    "importlib_resources>=6",
     "absl-py>=2.1",
     "numpy>=1.26",
     "matplotlib>=3.8",

@@ -86,7 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 1500
   config.train.log_every = 50
-  config.train.eval_every = 500
+  config.train.eval_every = 250
   config.train.checkpoint_every = 500
   config.train.max_checkpoints_to_keep = 2
   config.train.progress_bar = True

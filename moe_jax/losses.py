@@ -36,6 +36,8 @@ def _group_mean(x_GS_, mask_GS):
   """Mean over each group's real tokens of x `[G, S, ...]` -> `[G, ...]`."""
   weight_GS_ = mask_GS.reshape(mask_GS.shape + (1,) * (x_GS_.ndim - 2))
   count_G = jnp.maximum(jnp.sum(mask_GS, axis=1), 1.0)
+  # `where`, not a product: NaN or inf in a padded row must not leak.
+  x_GS_ = jnp.where(weight_GS_ > 0, x_GS_, 0.0)
   return jnp.sum(x_GS_ * weight_GS_, axis=1) / count_G.reshape(
     (-1,) + (1,) * (x_GS_.ndim - 2)
   )

@@ -49,7 +49,9 @@ def routing_metrics(
   dropped_K = jnp.einsum("gsk,gs->k", 1.0 - kept_GSK, mask_GS) / num_tokens
   lost_all_GS = jnp.all(~routing.kept_GSK, axis=-1).astype(jnp.float32)
 
-  probs_GSE = routing.probs_GSE
+  # Padded rows may hold anything (even NaN): zero them before any product.
+  probs_GSE = jnp.where(mask_GS[..., None] > 0, routing.probs_GSE, 0.0)
+  gates_GSK = jnp.where(mask_GS[..., None] > 0, routing.gates_GSK, 0.0)
   entropy_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), -1)
   num_kept = jnp.maximum(jnp.sum(kept_GSK * mask_GS[..., None]), 1.0)
 
@@ -60,7 +62,7 @@ def routing_metrics(
     "dead_experts": jnp.sum(fraction_E < 0.1 / E).astype(jnp.float32),
     "drop_fraction": jnp.sum(lost_all_GS * mask_GS) / num_tokens,
     "router_entropy": jnp.sum(entropy_GS * mask_GS) / num_tokens,
-    "router_confidence": jnp.sum(routing.gates_GSK * mask_GS[..., None])
+    "router_confidence": jnp.sum(gates_GSK * mask_GS[..., None])
     / num_kept,
     "top1_probability": jnp.sum(jnp.max(probs_GSE, -1) * mask_GS) / num_tokens,
   }

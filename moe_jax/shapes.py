@@ -32,6 +32,8 @@ def group_size_for(num_tokens: int, group_size: int) -> int:
   """
   if group_size <= 0:
     raise ValueError(f"group_size={group_size} must be a positive integer.")
+  if num_tokens <= 0:
+    raise ValueError(f"cannot group num_tokens={num_tokens}; need >= 1.")
   size = min(group_size, num_tokens)
   if num_tokens % size:
     raise ValueError(

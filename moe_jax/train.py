@@ -122,7 +122,7 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
   (_, logged), grads = grad_fn(state.params, batch, rngs)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  logged["grad_norm"] = optax.global_norm(grads)
+  logged["grad_norm"] = optax.tree.norm(grads)
   logged["learning_rate"] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
@@ -194,29 +194,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         f"unigram baseline {baseline:.3f} nats/token")
 
   # ---- Train; step t's metrics are read after step t+1 is dispatched.
+  # On any exit (a crash, Ctrl-C) the checkpoint in flight is finished.
   pending, last_eval, tick = None, {}, time.perf_counter()
   bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps,
                   disable=not config.train.progress_bar, desc="train")
-  for step in bar:
-    state, logged = step_fn(state, next(train_iter))
+  try:
+    for step in bar:
+      state, logged = step_fn(state, next(train_iter))
+      if pending is not None:
+        _report(writer, bar, *pending)
+        pending = None
+      done = step + 1
+      if done % config.train.log_every == 0 or done == num_steps:
+        pending = (done, logged, time.perf_counter() - tick)
+        tick = time.perf_counter()
+      if done % config.train.eval_every == 0 or done == num_steps:
+        last_eval = _host_metrics(
+          "eval", evaluate(eval_fn, state.params, eval_batches))
+        last_eval["eval/unigram_baseline"] = baseline
+        writer.write(done, last_eval)
+      ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
     if pending is not None:
       _report(writer, bar, *pending)
-      pending = None
-    done = step + 1
-    if done % config.train.log_every == 0 or done == num_steps:
-      pending = (done, logged, time.perf_counter() - tick)
-      tick = time.perf_counter()
-    if done % config.train.eval_every == 0 or done == num_steps:
-      last_eval = _host_metrics("eval", evaluate(eval_fn, state.params,
-                                                 eval_batches))
-      last_eval["eval/unigram_baseline"] = baseline
-      writer.write(done, last_eval)
-    ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
-  if pending is not None:
-    _report(writer, bar, *pending)
-  ckpt.wait_until_finished()
-  ckpt.close()
-  writer.close()
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
 
   # ---- Final summary.
   plot_path = plotting.plot_run(workdir)

@@ -1,0 +1,156 @@
+"""Tests for `moe_jax.metrics.routing_metrics` on hand-built `Routing`s.
+
+The definitions are those of REFERENCE (f); every expected number is worked
+out in the comments from the small arrays below.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.metrics import routing_metrics
+from moe_jax.routing import Routing
+
+# G=1, S=4, E=4, K=2, capacity C=2, k-major (GShard Alg. 1):
+#   token  choices  kept          gates
+#   t0     (e0, e1) (yes, yes)    (0.6, 0.3)
+#   t1     (e0, e2) (yes, yes)    (0.5, 0.25)
+#   t2     (e0, e1) (no,  no)     (0,   0)      lost every expert
+#   t3     (e1, e0) (yes, no)     (0.7, 0)
+# Slots: rank 0 e0: t0 0, t1 1, t2 2 (dropped); e1: t3 0. Rank 1: t0->e1 1,
+# t1->e2 0, t2->e1 2 (dropped), t3->e0 3 (dropped).
+# Choice counts c (before capacity): e0 4 (t0 t1 t2 t3), e1 3 (t0 t2 t3),
+# e2 1 (t1), e3 0; T*K = 8.
+_EXPERTS = [[[0, 1], [0, 2], [0, 1], [1, 0]]]
+_KEPT = [[[True, True], [True, True], [False, False], [True, False]]]
+_GATES = [[[0.6, 0.3], [0.5, 0.25], [0.0, 0.0], [0.7, 0.0]]]
+_POSITION = [[[0, 1], [1, 0], [2, 2], [0, 3]]]
+# Probabilities: t0, t1 uniform; t2, t3 one-hot.
+_PROBS = [
+  [
+    [0.25, 0.25, 0.25, 0.25],
+    [0.25, 0.25, 0.25, 0.25],
+    [1.0, 0.0, 0.0, 0.0],
+    [0.0, 1.0, 0.0, 0.0],
+  ]
+]
+
+
+def _routing(experts, gates, position, kept, probs):
+  return Routing(
+    expert_index_GSK=jnp.asarray(experts, jnp.int32),
+    gates_GSK=jnp.asarray(gates, jnp.float32),
+    position_GSK=jnp.asarray(position, jnp.int32),
+    kept_GSK=jnp.asarray(kept, bool),
+    probs_GSE=jnp.asarray(probs, jnp.float32),
+  )
+
+
+_HAND = _routing(_EXPERTS, _GATES, _POSITION, _KEPT, _PROBS)
+
+# Expected metrics, from the table above.
+_EXPECTED = {
+  # f_e = c_e / (T K) = [4, 3, 1, 0] / 8.
+  "expert_fraction": [0.5, 0.375, 0.125, 0.0],
+  # mean c = 2; deviations [2, 1, -1, -2]; population variance
+  # (4 + 1 + 1 + 4) / 4 = 2.5; std = 1.5811388; CV = 1.5811388 / 2.
+  "load_cv": math.sqrt(2.5) / 2,
+  # MaxVio = (max c - mean c) / mean c = (4 - 2) / 2 (Wang 2024 Eq. 4).
+  "max_violation": 1.0,
+  # Dead: f_e < 0.1 / E = 0.025 -> only e3 (f = 0).
+  "dead_experts": 1.0,
+  # Rank 1 not dispatched: t2 -> 1/4. Rank 2: t2, t3 -> 2/4.
+  "drop_fraction_rank_1": 0.25,
+  "drop_fraction_rank_2": 0.5,
+  # Lost every expert: t2 -> 1/4.
+  "drop_fraction": 0.25,
+  # H(uniform over 4) = ln 4 for t0, t1; H(one-hot) = 0 for t2, t3.
+  # mean = (2 ln 4) / 4 = ln 2 = 0.693147.
+  "router_entropy": math.log(2),
+  # Sum of gates of dispatched pairs / number of dispatched pairs
+  # = (0.6 + 0.3 + 0.5 + 0.25 + 0.7) / 5 = 2.35 / 5 = 0.47.
+  "router_confidence": 0.47,
+  # mean_t max_e p = (0.25 + 0.25 + 1 + 1) / 4 = 0.625.
+  "top1_probability": 0.625,
+}
+
+
+def test_metric_names():
+  assert set(routing_metrics(_HAND)) == set(_EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(_EXPECTED))
+def test_hand_built_routing(name):
+  """REFERENCE (f): f = c/(TK), CV, MaxVio (Wang 2024 Eq. 4), dead experts
+  (f < 0.1/E), drops per rank and of whole tokens (flaxformer
+  fraction_tokens_left_behind), router entropy, router_confidence."""
+  np.testing.assert_allclose(
+    routing_metrics(_HAND)[name], _EXPECTED[name], rtol=1e-6, atol=1e-7
+  )
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_uniform_probabilities_have_entropy_ln_E(with_mask):
+  """ST-MoE T14: uniform over E experts gives H = ln E (ln 32 = 3.466 for
+  E = 32); with E = 8, ln 8 = 2.0794415. Balanced choices: CV = MaxVio = 0."""
+  E, S = 8, 16
+  experts = [[[s % E] for s in range(S)]]  # every expert twice
+  routing = _routing(
+    experts,
+    [[[1.0 / E]] * S],
+    [[[s // E] for s in range(S)]],
+    [[[True]] * S],
+    np.full((1, S, E), 1.0 / E),
+  )
+  mask = jnp.ones((1, S)) if with_mask else None
+  metrics = routing_metrics(routing, mask)
+  np.testing.assert_allclose(metrics["router_entropy"], math.log(8), rtol=1e-6)
+  np.testing.assert_allclose(metrics["router_entropy"], 2.0794415, rtol=1e-6)
+  np.testing.assert_allclose(metrics["expert_fraction"], np.full(E, 1 / E))
+  assert float(metrics["load_cv"]) == pytest.approx(0.0, abs=1e-7)
+  assert float(metrics["max_violation"]) == pytest.approx(0.0, abs=1e-7)
+  assert float(metrics["dead_experts"]) == 0.0
+  assert float(metrics["drop_fraction"]) == 0.0
+
+
+def test_padding_is_excluded():
+  """REFERENCE (i) (transformers #28505): metrics count real tokens only.
+  Appending two padded tokens with garbage choices, gates, kept flags and
+  probabilities leaves every metric of the hand case unchanged."""
+  experts = [_EXPERTS[0] + [[3, 3], [2, 3]]]
+  gates = [_GATES[0] + [[0.9, 0.9], [0.0, 0.0]]]
+  position = [_POSITION[0] + [[0, 0], [5, 5]]]
+  kept = [_KEPT[0] + [[True, True], [False, False]]]
+  probs = [_PROBS[0] + [[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.0, 1.0]]]
+  padded = _routing(experts, gates, position, kept, probs)
+  metrics = routing_metrics(padded, jnp.array([[1, 1, 1, 1, 0, 0]]))
+  for name, expected in _EXPECTED.items():
+    np.testing.assert_allclose(
+      metrics[name], expected, rtol=1e-6, atol=1e-7, err_msg=name
+    )
+
+
+def test_metrics_pool_all_groups():
+  """The module docs: metrics are over the whole batch, all groups together.
+  Two groups: the hand group and one where every choice is e3 (K = 2 needs
+  distinct experts, so (e3, e2)), all kept with gates 0.5.
+    counts: hand [4, 3, 1, 0] + [0, 0, 4, 4] = [4, 3, 5, 4]; T K = 16
+    f = [0.25, 0.1875, 0.3125, 0.25]; mean c = 4;
+    MaxVio = (5 - 4) / 4 = 0.25
+    drop_fraction = 1 lost token / 8 = 0.125
+    router_confidence = (2.35 + 8 * 0.5) / (5 + 8) = 6.35 / 13 = 0.488462
+  """
+  experts = np.concatenate([_EXPERTS, [[[3, 2]] * 4]])
+  gates = np.concatenate([_GATES, [[[0.5, 0.5]] * 4]])
+  position = np.concatenate([_POSITION, [[[0, 0], [1, 1], [2, 2], [3, 3]]]])
+  kept = np.concatenate([_KEPT, np.ones((1, 4, 2), bool)])
+  probs = np.concatenate([_PROBS, np.full((1, 4, 4), 0.25)])
+  metrics = routing_metrics(_routing(experts, gates, position, kept, probs))
+  np.testing.assert_allclose(
+    metrics["expert_fraction"], [0.25, 0.1875, 0.3125, 0.25], rtol=1e-6
+  )
+  np.testing.assert_allclose(metrics["max_violation"], 0.25, rtol=1e-6)
+  np.testing.assert_allclose(metrics["drop_fraction"], 0.125, rtol=1e-6)
+  np.testing.assert_allclose(metrics["router_confidence"], 6.35 / 13, rtol=1e-6)
