@@ -1,4 +1,4 @@
-"""Shared base of every moe_jax config: a tiny decoder LM on the embedded corpus.
+"""Shared base of every moe_jax config: a tiny decoder LM, embedded corpus.
 
 Every config file in this folder starts from `get_base_config()` and changes
 only what its experiment is about. Run any of them with
@@ -53,10 +53,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.group_size = 512  # S, tokens routed together
   config.model.moe.capacity_factor = 1.25
   config.model.moe.eval_capacity_factor = 2.0
-  config.model.moe.capacity_rule = "switch"  # see moe_jax.routing.CAPACITY_RULES
+  config.model.moe.capacity_rule = (
+    "switch"  # see moe_jax.routing.CAPACITY_RULES
+  )
   config.model.moe.min_capacity = 4
-  config.model.moe.priority = "k_major"  # "k_major" | "token_major" | "batch_priority"
-  config.model.moe.second_policy = "all"  # GShard: "all" | "random" | "threshold"
+  config.model.moe.priority = (
+    "k_major"  # "k_major" | "token_major" | "batch_priority"
+  )
+  config.model.moe.second_policy = (
+    "all"  # GShard: "all" | "random" | "threshold"
+  )
   config.model.moe.second_threshold = 0.2
   config.model.moe.renormalize_after_drop = False
   config.model.moe.dispatch = "indices"  # "einsum" | "indices"
@@ -66,10 +72,14 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- loss: LM cross-entropy + coefficient x each auxiliary loss.
   config.loss = ml_collections.ConfigDict()
-  config.loss.load_balancing = "switch"  # see moe_jax.losses.LOAD_BALANCING_LOSSES
+  config.loss.load_balancing = (
+    "switch"  # see moe_jax.losses.LOAD_BALANCING_LOSSES
+  )
   config.loss.load_balancing_weight = 1e-2
   config.loss.router_z_loss_weight = 0.0
-  config.loss.layer_reduction = "sum"  # over MoE layers: "sum" (Switch) | "mean"
+  config.loss.layer_reduction = (
+    "sum"  # over MoE layers: "sum" (Switch) | "mean"
+  )
 
   # ---- optimizer: AdamW, linear warmup then cosine decay.
   config.optimizer = ml_collections.ConfigDict()

@@ -39,7 +39,9 @@ def dispatch_and_combine_tensors(
   kept_GSK = routing.kept_GSK.astype(jnp.float32)
   expert_GSKE = jax.nn.one_hot(routing.expert_index_GSK, num_experts)
   # A dropped pair's position may be >= C; one_hot maps it to all zeros.
-  slot_GSKC = jax.nn.one_hot(routing.position_GSK, capacity) * kept_GSK[..., None]
+  slot_GSKC = (
+    jax.nn.one_hot(routing.position_GSK, capacity) * kept_GSK[..., None]
+  )
   dispatch_GSEC = jnp.einsum("gske,gskc->gsec", expert_GSKE, slot_GSKC)
   combine_GSEC = jnp.einsum(
     "gske,gskc,gsk->gsec", expert_GSKE, slot_GSKC, routing.gates_GSK
@@ -58,7 +60,7 @@ def einsum_combine(y_EGCD: jax.Array, combine_GSEC: jax.Array) -> jax.Array:
 
 
 def _slot_index_GSK(routing: Routing, num_experts: int, capacity: int):
-  """Flat slot e*C + position of each pair; E*C (one past the end) if dropped."""
+  """Flat slot e*C + position of each pair; E*C (past the end) if dropped."""
   slot_GSK = routing.expert_index_GSK * capacity + routing.position_GSK
   return jnp.where(routing.kept_GSK, slot_GSK, num_experts * capacity)
 
@@ -74,7 +76,9 @@ def index_dispatch(
   x_GND = jnp.broadcast_to(x_GSD[:, :, None], (G, S, K, D)).reshape(G, S * K, D)
   # Buffer with one spare row that collects the dropped pairs, then cut off.
   buffer_GXD = jnp.zeros((G, num_experts * capacity + 1, D), x_GSD.dtype)
-  buffer_GXD = jax.vmap(lambda b, i, x: b.at[i].set(x))(buffer_GXD, slot_GN, x_GND)
+  buffer_GXD = jax.vmap(lambda b, i, x: b.at[i].set(x))(
+    buffer_GXD, slot_GN, x_GND
+  )
   x_GECD = buffer_GXD[:, :-1].reshape(G, num_experts, capacity, D)
   return x_GECD.transpose(1, 0, 2, 3)
 
@@ -104,7 +108,9 @@ def dispatch(x_GSD, routing, num_experts, capacity, backend):
     return einsum_dispatch(x_GSD, dispatch_GSEC), combine_GSEC
   if backend == "indices":
     return index_dispatch(x_GSD, routing, num_experts, capacity), None
-  raise ValueError(f"unknown dispatch={backend!r}; allowed: {list(DISPATCHERS)}.")
+  raise ValueError(
+    f"unknown dispatch={backend!r}; allowed: {list(DISPATCHERS)}."
+  )
 
 
 def combine(y_EGCD, routing, num_experts, capacity, backend, combine_GSEC=None):
@@ -113,4 +119,6 @@ def combine(y_EGCD, routing, num_experts, capacity, backend, combine_GSEC=None):
     return einsum_combine(y_EGCD, combine_GSEC)
   if backend == "indices":
     return index_combine(y_EGCD, routing, num_experts, capacity)
-  raise ValueError(f"unknown dispatch={backend!r}; allowed: {list(DISPATCHERS)}.")
+  raise ValueError(
+    f"unknown dispatch={backend!r}; allowed: {list(DISPATCHERS)}."
+  )

@@ -135,13 +135,17 @@ class Router(nn.Module):
 
 def _ffn_init(batch_axis=()):
   return nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+    1.0,
+    "fan_in",
+    "truncated_normal",
+    in_axis=-2,
+    out_axis=-1,
     batch_axis=batch_axis,
   )
 
 
 class Experts(nn.Module):
-  """E feed-forward networks with stacked weights wi `[E, D, F]`, wo `[E, F, D]`.
+  """E feed-forward networks, stacked weights wi `[E, D, F]`, wo `[E, F, D]`.
 
   FFN_e(x) = act(x wi_e) wo_e, or (act(x wi_e) * (x wi_gate_e)) wo_e when
   gated (GLU variants, Shazeer 2020).
@@ -211,7 +215,10 @@ class MoeLayer(nn.Module):
     S = x_GSD.shape[1]
 
     logits_GSE = Router(
-      E, cfg.router_init_scale, cfg.router_jitter, cfg.router_bias,
+      E,
+      cfg.router_init_scale,
+      cfg.router_jitter,
+      cfg.router_bias,
       name="router",
     )(x_GSD, deterministic=deterministic)
 
@@ -253,7 +260,9 @@ class MoeLayer(nn.Module):
       "load_balancing_loss",
       balance_fn(route.probs_GSE, route.expert_index_GSK, mask_GS),
     )
-    self.sow("aux_loss", "router_z_loss", losses.router_z_loss(logits_GSE, mask_GS))
+    self.sow(
+      "aux_loss", "router_z_loss", losses.router_z_loss(logits_GSE, mask_GS)
+    )
     for name, value in metrics.routing_metrics(route, mask_GS).items():
       self.sow("moe_metrics", name, value)
     self.sow("moe_metrics", "capacity", jnp.asarray(capacity, jnp.float32))

@@ -130,7 +130,8 @@ def all_choices_load_balancing_loss(
     loss = E * sum_e f_e * P_e,  f_e = (1/S) sum_t 1{e in TopK(p_t)},
 
   so sum_e f_e = K and the loss is K under uniform routing (1 at K = 1, where
-  it equals `load_balancing_loss`).
+  it equals `load_balancing_loss`) and E when one expert is in every token's
+  top K and holds all the probability.
   """
   E = router_probs.shape[-1]
   return _fraction_times_probability(
@@ -146,7 +147,7 @@ def k_normalized_load_balancing_loss(
     loss = E * sum_e (c_e / (S K)) * P_e = (E / K) * sum_e f_e * P_e,
 
   with c_e the number of the group's K*S choices that picked e. Equals 1
-  under uniform routing for every K.
+  under uniform routing for every K, and E/K when collapsed onto one expert.
   """
   top_k = expert_indices.shape[-1]
   E = router_probs.shape[-1]

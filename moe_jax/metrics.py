@@ -62,8 +62,7 @@ def routing_metrics(
     "dead_experts": jnp.sum(fraction_E < 0.1 / E).astype(jnp.float32),
     "drop_fraction": jnp.sum(lost_all_GS * mask_GS) / num_tokens,
     "router_entropy": jnp.sum(entropy_GS * mask_GS) / num_tokens,
-    "router_confidence": jnp.sum(gates_GSK * mask_GS[..., None])
-    / num_kept,
+    "router_confidence": jnp.sum(gates_GSK * mask_GS[..., None]) / num_kept,
     "top1_probability": jnp.sum(jnp.max(probs_GSE, -1) * mask_GS) / num_tokens,
   }
   for k in range(K):

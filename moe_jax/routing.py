@@ -86,9 +86,7 @@ ROUTERS = {
 def gate_convention(router: str, top_k: int, num_experts: int):
   """Looks up `router` in `ROUTERS` and checks `top_k` against it."""
   if router not in ROUTERS:
-    raise ValueError(
-      f"unknown router={router!r}; allowed: {sorted(ROUTERS)}."
-    )
+    raise ValueError(f"unknown router={router!r}; allowed: {sorted(ROUTERS)}.")
   convention = ROUTERS[router]
   if convention.top_k is not None and top_k != convention.top_k:
     raise ValueError(

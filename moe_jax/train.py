@@ -1,7 +1,7 @@
 """Trains an MoE (or dense) language model from a config file.
 
-  python -m moe_jax.train --config=configs/switch_top1.py --workdir=runs/switch \
-      --config.model.moe.num_experts=16
+  python -m moe_jax.train --config=configs/switch_top1.py \
+      --workdir=runs/switch --config.model.moe.num_experts=16
 
 Re-running the same command with the same --workdir resumes from the latest
 checkpoint and continues exactly as an uninterrupted run would: the state,
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moe_jax import data, plotting, writers
@@ -57,17 +57,21 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
   schedule = optax.join_schedules(
     [optax.linear_schedule(0.0, peak, warmup), decays[opt.schedule]], [warmup]
   )
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+
+  def decay_mask(params):  # no weight decay on biases and norm scales
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
   tx = optax.chain(
     optax.clip_by_global_norm(opt.grad_clip_norm),
-    optax.adamw(schedule, opt.b1, opt.b2, weight_decay=opt.weight_decay,
-                mask=decay_mask),
+    optax.adamw(
+      schedule, opt.b1, opt.b2, weight_decay=opt.weight_decay, mask=decay_mask
+    ),
   )
   return tx, schedule
 
 
 def _layer_values(collection) -> dict[str, jax.Array]:
-  """{"layer_01/name": value} from a sown collection {layer: {moe: {name: (v,)}}}."""
+  """{"layer_01/name": v} from a sown {layer: {"moe": {name: (v,)}}}."""
   out = {}
   for layer, modules in collection.items():
     for name, values in modules["moe"].items():
@@ -104,7 +108,10 @@ def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
   logged = {"loss": total, "lm_loss": lm_loss}
   logged.update({f"aux/{k}": v for k, v in terms.items()})
   logged.update(
-    {f"moe/{k}": v for k, v in _layer_values(sown.get("moe_metrics", {})).items()}
+    {
+      f"moe/{k}": v
+      for k, v in _layer_values(sown.get("moe_metrics", {})).items()
+    }
   )
   return total, logged
 
@@ -115,8 +122,9 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
   names = ("jitter", "routing", "dropout")
   rngs = dict(zip(names, jax.random.split(step_key, len(names))))
   grad_fn = jax.value_and_grad(
-    functools.partial(compute_loss, model=model, loss_config=loss_config,
-                      deterministic=False),
+    functools.partial(
+      compute_loss, model=model, loss_config=loss_config, deterministic=False
+    ),
     has_aux=True,
   )
   (_, logged), grads = grad_fn(state.params, batch, rngs)
@@ -124,15 +132,17 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
   params = optax.apply_updates(state.params, updates)
   logged["grad_norm"] = optax.tree.norm(grads)
   logged["learning_rate"] = schedule(state.step)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state
+  )
   return new_state, logged
 
 
 def eval_step(params, batch, *, model, loss_config):
   """Deterministic loss and routing metrics of one batch (eval capacity)."""
-  _, logged = compute_loss(params, batch, {}, model=model,
-                           loss_config=loss_config, deterministic=True)
+  _, logged = compute_loss(
+    params, batch, {}, model=model, loss_config=loss_config, deterministic=True
+  )
   return logged
 
 
@@ -166,8 +176,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optimizer, num_steps)
   step_fn = jax.jit(
-    functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                      loss_config=config.loss, seed=config.seed),
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      loss_config=config.loss,
+      seed=config.seed,
+    ),
     donate_argnums=0,
   )
   eval_fn = jax.jit(
@@ -190,14 +206,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   start = int(state.step)
   baseline = data.unigram_baseline(config.data)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f"parameters: {n_params:,}; steps {start} -> {num_steps}; "
-        f"unigram baseline {baseline:.3f} nats/token")
+  print(
+    f"parameters: {n_params:,}; steps {start} -> {num_steps}; "
+    f"unigram baseline {baseline:.3f} nats/token"
+  )
 
   # ---- Train; step t's metrics are read after step t+1 is dispatched.
   # On any exit (a crash, Ctrl-C) the checkpoint in flight is finished.
   pending, last_eval, tick = None, {}, time.perf_counter()
-  bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps,
-                  disable=not config.train.progress_bar, desc="train")
+  bar = tqdm.tqdm(
+    range(start, num_steps),
+    initial=start,
+    total=num_steps,
+    disable=not config.train.progress_bar,
+    desc="train",
+  )
   try:
     for step in bar:
       state, logged = step_fn(state, next(train_iter))
@@ -210,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         tick = time.perf_counter()
       if done % config.train.eval_every == 0 or done == num_steps:
         last_eval = _host_metrics(
-          "eval", evaluate(eval_fn, state.params, eval_batches))
+          "eval", evaluate(eval_fn, state.params, eval_batches)
+        )
         last_eval["eval/unigram_baseline"] = baseline
         writer.write(done, last_eval)
       ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
@@ -241,9 +265,11 @@ def _print_summary(last_eval, baseline, plot_path):
     print(f"nothing left to train; plot: {plot_path}")
     return
   loss = last_eval["eval/lm_loss"]
-  print(f"\nvalidation loss {loss:.4f} nats/token "
-        f"({loss / np.log(2):.3f} bits/byte), unigram baseline "
-        f"{baseline:.4f}: {loss / baseline:.1%} of it")
+  print(
+    f"\nvalidation loss {loss:.4f} nats/token "
+    f"({loss / np.log(2):.3f} bits/byte), unigram baseline "
+    f"{baseline:.4f}: {loss / baseline:.1%} of it"
+  )
   for key in sorted(last_eval):
     if key.endswith(("/drop_fraction", "/max_violation", "/router_entropy")):
       print(f"  {key:48s} {last_eval[key]:.4f}")
@@ -260,6 +286,7 @@ def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -13,9 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import moe_jax.data as data
-from moe_jax.data import corpus
-from moe_jax.data import tfds_builder
-from moe_jax.data import tokenizer
+from moe_jax.data import corpus, tfds_builder, tokenizer
 
 _BASE = pathlib.Path(__file__).parents[1] / "configs" / "base.py"
 

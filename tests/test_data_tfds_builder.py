@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_jax.data import corpus
-from moe_jax.data import tfds_builder
+from moe_jax.data import corpus, tfds_builder
 
 DOMAINS = ("code", "prose")
 MAX_CODE_BYTES = 60_000

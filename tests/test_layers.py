@@ -1,4 +1,4 @@
-"""Tests of moe_jax.layers: Router, Experts, MoeLayer against NumPy references."""
+"""Tests of moe_jax.layers: Router, Experts, MoeLayer vs NumPy references."""
 
 import dataclasses
 
@@ -14,8 +14,13 @@ D, F, E = 8, 16, 4
 
 
 def _config(**overrides):
-  base = dict(num_experts=E, expert_dim=F, group_size=16, min_capacity=0,
-              activation="relu")
+  base = dict(
+    num_experts=E,
+    expert_dim=F,
+    group_size=16,
+    min_capacity=0,
+    activation="relu",
+  )
   base.update(overrides)
   return MoeConfig(**base)
 
@@ -44,10 +49,12 @@ def test_soft_mixture_limit_matches_float64_reference():
   logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
   p_NE = np.exp(logits_NE - logits_NE.max(-1, keepdims=True))
   p_NE /= p_NE.sum(-1, keepdims=True)
-  expected_ND = sum(p_NE[:, e:e + 1] * _numpy_expert(params, e, x_ND)
-                    for e in range(E))
-  np.testing.assert_allclose(np.asarray(y_BLD).reshape(-1, D), expected_ND,
-                             rtol=1e-4, atol=1e-5)
+  expected_ND = sum(
+    p_NE[:, e : e + 1] * _numpy_expert(params, e, x_ND) for e in range(E)
+  )
+  np.testing.assert_allclose(
+    np.asarray(y_BLD).reshape(-1, D), expected_ND, rtol=1e-4, atol=1e-5
+  )
 
 
 def test_switch_top1_matches_float64_reference_with_drops():
@@ -57,7 +64,9 @@ def test_switch_top1_matches_float64_reference_with_drops():
   # switch rule: C = ceil(16 / 4 * 0.5) = 2 slots per expert.
   config = _config(eval_capacity_factor=0.5)
   layer, params = _init(config, x_BLD)
-  y_ND = np.asarray(layer.apply({"params": params}, x_BLD, deterministic=True))[0]
+  y_ND = np.asarray(layer.apply({"params": params}, x_BLD, deterministic=True))[
+    0
+  ]
 
   x_ND = np.asarray(x_BLD, np.float64)[0]
   logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
@@ -69,7 +78,7 @@ def test_switch_top1_matches_float64_reference_with_drops():
     e = int(np.argmax(p_NE[t]))
     if used[e] < 2:
       used[e] += 1
-      expected_ND[t] = p_NE[t, e] * _numpy_expert(params, e, x_ND[t:t + 1])[0]
+      expected_ND[t] = p_NE[t, e] * _numpy_expert(params, e, x_ND[t : t + 1])[0]
   np.testing.assert_allclose(y_ND, expected_ND, rtol=1e-4, atol=1e-5)
   assert np.sum(np.all(y_ND == 0.0, axis=-1)) == 16 - sum(used)
 
@@ -80,8 +89,9 @@ def test_zero_capacity_outputs_exact_zeros():
   # flaxformer rule: C = round(0.01 * 16 / 4) = round(0.04) = 0.
   config = _config(capacity_rule="flaxformer", eval_capacity_factor=0.01)
   layer, params = _init(config, x_BLD)
-  y_BLD, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
-                            mutable=["moe_metrics"])
+  y_BLD, sown = layer.apply(
+    {"params": params}, x_BLD, deterministic=True, mutable=["moe_metrics"]
+  )
   assert np.all(np.asarray(y_BLD) == 0.0)
   assert float(sown["moe_metrics"]["drop_fraction"][0]) == 1.0
 
@@ -104,8 +114,9 @@ def test_einsum_and_index_dispatch_agree(router, top_k):
   x_BLD = jax.random.normal(jax.random.key(5), (2, 16, D))
   results = []
   for backend in ("einsum", "indices"):
-    config = _config(router=router, top_k=top_k, dispatch=backend,
-                     eval_capacity_factor=0.75)
+    config = _config(
+      router=router, top_k=top_k, dispatch=backend, eval_capacity_factor=0.75
+    )
     layer, params = _init(config, x_BLD)
 
     def f(p, x, layer=layer):
@@ -124,8 +135,9 @@ def test_padding_takes_no_capacity_and_gets_no_output():
   mask_BL = jnp.arange(16)[None] >= 6  # the first 6 tokens are padding
   config = _config(eval_capacity_factor=0.5)  # C = 2: drops happen
   layer, params = _init(config, x_BLD)
-  other_BLD = jnp.where(mask_BL[..., None], x_BLD,
-                        jax.random.normal(key2, x_BLD.shape) * 5)
+  other_BLD = jnp.where(
+    mask_BL[..., None], x_BLD, jax.random.normal(key2, x_BLD.shape) * 5
+  )
   y1 = layer.apply({"params": params}, x_BLD, mask_BL, deterministic=True)
   y2 = layer.apply({"params": params}, other_BLD, mask_BL, deterministic=True)
   np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
@@ -140,11 +152,16 @@ def test_router_float32_under_bfloat16_and_jitter_only_in_training():
   assert params["params"]["kernel"].dtype == jnp.float32
   logits = router.apply(params, x_GSD, deterministic=True)
   assert logits.dtype == jnp.float32
-  train = [router.apply(params, x_GSD, deterministic=False,
-                        rngs={"jitter": jax.random.key(s)}) for s in (1, 2)]
+  train = [
+    router.apply(
+      params, x_GSD, deterministic=False, rngs={"jitter": jax.random.key(s)}
+    )
+    for s in (1, 2)
+  ]
   assert not np.allclose(train[0], train[1])
-  eval_ = router.apply(params, x_GSD, deterministic=True,
-                       rngs={"jitter": jax.random.key(1)})
+  eval_ = router.apply(
+    params, x_GSD, deterministic=True, rngs={"jitter": jax.random.key(1)}
+  )
   np.testing.assert_array_equal(np.asarray(eval_), np.asarray(logits))
 
 
@@ -152,35 +169,43 @@ def test_router_init_scale():
   """Switch §2.4: std = sqrt(scale / fan_in) (truncated normal)."""
   x = jnp.zeros((1, 1, 1024))
   kernel = Router(512, init_scale=0.1).init(
-    jax.random.key(0), x, deterministic=True)["params"]["kernel"]
+    jax.random.key(0), x, deterministic=True
+  )["params"]["kernel"]
   assert abs(float(jnp.std(kernel)) - np.sqrt(0.1 / 1024)) < 0.05 * np.sqrt(
-    0.1 / 1024)
+    0.1 / 1024
+  )
 
 
 def test_bfloat16_layer_runs_with_float32_routing():
   x_BLD = jax.random.normal(jax.random.key(8), (2, 8, D)).astype(jnp.bfloat16)
   layer, params = _init(_config(dtype="bfloat16", gated=True), x_BLD)
-  y, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
-                        mutable=["aux_loss"])
+  y, sown = layer.apply(
+    {"params": params}, x_BLD, deterministic=True, mutable=["aux_loss"]
+  )
   assert y.dtype == jnp.bfloat16
   assert sown["aux_loss"]["load_balancing_loss"][0].dtype == jnp.float32
 
 
 def test_sown_losses_metrics_and_decisions():
   x_BLD = jax.random.normal(jax.random.key(9), (2, 8, D))
-  config = _config(router="gshard", top_k=2, second_policy="random",
-                   eval_capacity_factor=4.0)
+  config = _config(
+    router="gshard", top_k=2, second_policy="random", eval_capacity_factor=4.0
+  )
   layer, params = _init(config, x_BLD)
   _, sown = layer.apply(
-    {"params": params}, x_BLD, deterministic=False,
+    {"params": params},
+    x_BLD,
+    deterministic=False,
     rngs={"routing": jax.random.key(1)},
-    mutable=["aux_loss", "moe_metrics", "intermediates"])
+    mutable=["aux_loss", "moe_metrics", "intermediates"],
+  )
   assert set(sown["aux_loss"]) == {"load_balancing_loss", "router_z_loss"}
   assert sown["moe_metrics"]["expert_fraction"][0].shape == (E,)
   assert sown["intermediates"]["expert_index"][0].shape == (2, 8, 2)
   # At evaluation the random policy keeps every second choice (C = S).
-  _, sown = layer.apply({"params": params}, x_BLD, deterministic=True,
-                        mutable=["intermediates"])
+  _, sown = layer.apply(
+    {"params": params}, x_BLD, deterministic=True, mutable=["intermediates"]
+  )
   assert bool(jnp.all(sown["intermediates"]["kept"][0]))
 
 

@@ -422,7 +422,12 @@ def test_nan_in_padded_rows_does_not_leak():
   for fn in LOAD_BALANCING_LOSSES.values():
     assert np.isfinite(float(fn(probs, index, mask)))
   assert np.isfinite(float(router_z_loss(logits, mask)))
-  route = routing.Routing(index, np.where(mask[..., None], 0.5, np.nan),
-                          np.zeros_like(index), mask[..., None], probs)
+  route = routing.Routing(
+    index,
+    np.where(mask[..., None], 0.5, np.nan),
+    np.zeros_like(index),
+    mask[..., None],
+    probs,
+  )
   for name, value in metrics.routing_metrics(route, mask).items():
     assert np.all(np.isfinite(np.asarray(value))), name

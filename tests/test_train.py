@@ -44,10 +44,13 @@ def data_dir(tmp_path_factory):
 
 
 def test_training_lowers_the_loss(tmp_path, data_dir):
-  config = tiny_config(data_dir, num_steps=40, log_every=5, eval_every=40,
-                       checkpoint_every=40)
+  config = tiny_config(
+    data_dir, num_steps=40, log_every=5, eval_every=40, checkpoint_every=40
+  )
   final = train.train_and_evaluate(config, str(tmp_path))
-  rows = [r for r in writers.read_metrics(str(tmp_path)) if "train/lm_loss" in r]
+  rows = [
+    r for r in writers.read_metrics(str(tmp_path)) if "train/lm_loss" in r
+  ]
   assert rows[-1]["train/lm_loss"] < rows[0]["train/lm_loss"] - 0.5
   # Byte-level: the uniform guess costs ln 259 = 5.56 nats.
   assert final["eval/lm_loss"] < np.log(data.VOCAB_SIZE) - 1.0
@@ -82,10 +85,12 @@ def _final_params(workdir, config):
 
   model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
   tx, _ = train.make_optimizer(config.optimizer, config.train.num_steps)
-  template = train.init_state(config, model, tx,
-                              data.create_eval_batches(config.data)[0])
-  ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=5,
-                      save_interval_steps=1)
+  template = train.init_state(
+    config, model, tx, data.create_eval_batches(config.data)[0]
+  )
+  ckpt = Checkpointer(
+    f"{workdir}/checkpoints", max_to_keep=5, save_interval_steps=1
+  )
   state, data_state = ckpt.restore(template)
   ckpt.close()
   return state, data_state
@@ -95,26 +100,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir, monkeypatch):
   """Killed after step 7 with a checkpoint at step 5, then re-run with the
   same workdir: metrics and final state are bit-identical to a run that was
   never interrupted (STYLE rule 10)."""
-  config = tiny_config(data_dir, num_steps=10, log_every=1, eval_every=5,
-                       checkpoint_every=5)
+  config = tiny_config(
+    data_dir, num_steps=10, log_every=1, eval_every=5, checkpoint_every=5
+  )
   config.model.moe.router_jitter = 0.01  # exercises the per-step rng
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config, str(straight))
 
   make_iterator = data.create_train_iterator
   monkeypatch.setattr(
-    data, "create_train_iterator",
-    lambda *a, **k: _CrashingIterator(make_iterator(*a, **k), crash_after=7))
+    data,
+    "create_train_iterator",
+    lambda *a, **k: _CrashingIterator(make_iterator(*a, **k), crash_after=7),
+  )
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(resumed))
   monkeypatch.setattr(data, "create_train_iterator", make_iterator)
   train.train_and_evaluate(config, str(resumed))
 
   def rows(workdir):
-    return [{k: v for k, v in r.items() if "seconds" not in k}
-            for r in writers.read_metrics(str(workdir))]
+    return [
+      {k: v for k, v in r.items() if "seconds" not in k}
+      for r in writers.read_metrics(str(workdir))
+    ]
 
-  assert [r["step"] for r in rows(resumed)] == [r["step"] for r in rows(straight)]
+  assert [r["step"] for r in rows(resumed)] == [
+    r["step"] for r in rows(straight)
+  ]
   assert rows(resumed) == rows(straight)
   state_a, data_a = _final_params(straight, config)
   state_b, data_b = _final_params(resumed, config)
@@ -133,31 +145,45 @@ def test_command_line_runs_and_resumes(tmp_path, data_dir):
   """`python -m moe_jax.train` with config overrides; a second call with the
   same workdir finds the run finished and resumes nothing."""
   args = [
-    sys.executable, "-m", "moe_jax.train",
+    sys.executable,
+    "-m",
+    "moe_jax.train",
     f"--config={REPO / 'configs' / 'gshard_top2.py'}",
     f"--workdir={tmp_path}",
     f"--config.data.data_dir={data_dir}",
     "--config.data.max_code_bytes=300000",
-    "--config.data.seq_len=32", "--config.data.batch_size=4",
-    "--config.data.eval_batch_size=4", "--config.data.num_eval_batches=1",
-    "--config.model.d_model=32", "--config.model.num_layers=2",
-    "--config.model.moe.group_size=64", "--config.model.moe.expert_dim=32",
-    "--config.train.num_steps=3", "--config.train.log_every=1",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=4",
+    "--config.data.eval_batch_size=4",
+    "--config.data.num_eval_batches=1",
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.moe.group_size=64",
+    "--config.model.moe.expert_dim=32",
+    "--config.train.num_steps=3",
+    "--config.train.log_every=1",
     "--config.train.progress_bar=False",
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.run(args, capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
+  first = subprocess.run(
+    args, capture_output=True, text=True, env=env, cwd=tmp_path
+  )
   assert first.returncode == 0, first.stderr[-3000:]
   assert "validation loss" in first.stdout
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model"]["moe"]["router"] == "gshard"
   assert config["model"]["d_model"] == 32
-  second = subprocess.run(args, capture_output=True, text=True, env=env,
-                          cwd=tmp_path)
+  second = subprocess.run(
+    args, capture_output=True, text=True, env=env, cwd=tmp_path
+  )
   assert second.returncode == 0, second.stderr[-3000:]
   assert "steps 3 -> 3" in second.stdout
-  bad = subprocess.run(args + ["--config.model.moe.router=nope"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+  bad = subprocess.run(
+    args + ["--config.model.moe.router=nope"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+  )
   assert bad.returncode != 0
   assert "unknown router='nope'" in bad.stderr

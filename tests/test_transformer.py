@@ -1,4 +1,4 @@
-"""Tests of moe_jax.models.transformer: causality, MoE placement, dense baseline."""
+"""Tests of moe_jax.models.transformer: causality, MoE placement, dense."""
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +14,25 @@ V, L = 32, 16
 def _config(num_experts=4, group_size=L, **overrides):
   moe = None
   if num_experts:
-    moe = MoeConfig(num_experts=num_experts, expert_dim=32,
-                    group_size=group_size,
-                    capacity_factor=1.0, eval_capacity_factor=0.5,
-                    min_capacity=0)
-  base = dict(vocab_size=V, max_len=L, d_model=16, num_layers=4, num_heads=2,
-              mlp_dim=24, moe_every=2, moe=moe, dense_moe_dim=32)
+    moe = MoeConfig(
+      num_experts=num_experts,
+      expert_dim=32,
+      group_size=group_size,
+      capacity_factor=1.0,
+      eval_capacity_factor=0.5,
+      min_capacity=0,
+    )
+  base = dict(
+    vocab_size=V,
+    max_len=L,
+    d_model=16,
+    num_layers=4,
+    num_heads=2,
+    mlp_dim=24,
+    moe_every=2,
+    moe=moe,
+    dense_moe_dim=32,
+  )
   base.update(overrides)
   return TransformerConfig(**base)
 
@@ -32,8 +45,9 @@ def test_moe_every_places_moe_in_every_nth_block():
   """moe_every=2: blocks 1 and 3 hold the MoE layer (Switch: every other)."""
   tokens = jnp.zeros((2, L), jnp.int32)
   params = _params(TransformerLM(_config()), tokens)
-  moe_blocks = sorted(k for k, v in params.items()
-                      if k.startswith("layer_") and "moe" in v)
+  moe_blocks = sorted(
+    k for k, v in params.items() if k.startswith("layer_") and "moe" in v
+  )
   assert moe_blocks == ["layer_01", "layer_03"]
   assert params["layer_00"]["mlp"]["wi"].shape == (16, 24)
   assert params["layer_01"]["moe"]["experts"]["wi"].shape == (4, 16, 32)
@@ -72,12 +86,18 @@ def test_training_mode_needs_and_uses_rngs():
   model = TransformerLM(_config(dropout_rate=0.1))
   tokens = jax.random.randint(jax.random.key(2), (2, L), 0, V)
   params = _params(model, tokens)
-  run = lambda s: model.apply({"params": params}, tokens, deterministic=False,
-                              rngs={"dropout": jax.random.key(s)})
+
+  def run(seed):
+    rngs = {"dropout": jax.random.key(seed)}
+    return model.apply(
+      {"params": params}, tokens, deterministic=False, rngs=rngs
+    )
+
   assert not np.allclose(run(1), run(2))
   np.testing.assert_array_equal(
     model.apply({"params": params}, tokens),
-    model.apply({"params": params}, tokens))
+    model.apply({"params": params}, tokens),
+  )
 
 
 def test_bad_model_config_errors():
@@ -97,6 +117,7 @@ def test_groups_spanning_sequences_couple_them():
   tokens = jax.random.randint(jax.random.key(1), (2, L), 0, V)
   params = _params(model, tokens)
   apply = jax.jit(lambda t: model.apply({"params": params}, t))
-  changed = tokens.at[0, L // 2:].set((tokens[0, L // 2:] + 7) % V)
-  assert not np.array_equal(np.asarray(apply(tokens))[1],
-                            np.asarray(apply(changed))[1])
+  changed = tokens.at[0, L // 2 :].set((tokens[0, L // 2 :] + 7) % V)
+  assert not np.array_equal(
+    np.asarray(apply(tokens))[1], np.asarray(apply(changed))[1]
+  )

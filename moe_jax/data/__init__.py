@@ -15,10 +15,12 @@ layout and `corpus` for what the corpus holds.
 """
 
 from moe_jax.data.corpus import DOMAINS
-from moe_jax.data.pipeline import TrainIterator
-from moe_jax.data.pipeline import create_eval_batches
-from moe_jax.data.pipeline import create_train_iterator
-from moe_jax.data.pipeline import unigram_baseline
+from moe_jax.data.pipeline import (
+  TrainIterator,
+  create_eval_batches,
+  create_train_iterator,
+  unigram_baseline,
+)
 from moe_jax.data.tokenizer import VOCAB_SIZE
 
 __all__ = [

@@ -39,9 +39,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moe_jax.data import corpus
-from moe_jax.data import tfds_builder
-from moe_jax.data import tokenizer
+from moe_jax.data import corpus, tfds_builder, tokenizer
 
 SOURCES = ("embedded", "tfds")
 TFDS_DOMAIN_ID = -1
