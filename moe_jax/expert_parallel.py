@@ -71,17 +71,16 @@ def check(
       f"[E, G, C, D]); got dispatch={backend!r}."
     )
   mesh = sharding.active_mesh()
-  for what, value, logical in (
-    ("num_experts", num_experts, "expert"),
-    ("expert_dim", expert_dim, "mlp"),
-    ("the number of groups G", num_groups, "group"),
+  for what, value, logical, why in (
+    ("num_experts", num_experts, "expert", "each device holds whole experts"),
+    ("expert_dim", expert_dim, "mlp", "each device holds F/n of an expert"),
+    ("groups G", num_groups, "group", "groups never span devices"),
   ):
     n = sharding.axis_size(mesh, logical)
     if value % n:
       raise ValueError(
         f"{what}={value} is not divisible by the {n} devices of mesh axes "
-        f"{sharding.mesh_axes(logical)}; groups never span devices and "
-        f"experts are split evenly."
+        f"{sharding.mesh_axes(logical)} ({why}); change it or mesh.shape."
       )
   expected = sharding.mesh_axes("expert_group") + sharding.mesh_axes("expert")
   if implementation == "shard_map" and sharding.mesh_axes("group") != expected:

@@ -160,17 +160,31 @@ def _host_metrics(prefix: str, logged: dict) -> dict[str, Any]:
   return out
 
 
-def init_state(config, model, tx, batch, layout=None) -> TrainState:
-  """Fresh parameters and optimizer state (params rng: fold_in(seed, -1)),
-  placed by `layout` (default: one device); only the batch's shape is used."""
+def _initializer(config, model, tx, batch):
+  """() -> fresh TrainState, parameters boxed with their logical axis names
+  (params rng: fold_in(seed, -1)); only the batch's shape is used."""
   shape = np.shape(batch["inputs"])
 
-  def init():  # parameters boxed with their logical axis names
+  def init():
     rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
     params = model.init(rng, jnp.zeros(shape, jnp.int32))["params"]
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-  return (layout or sharding.Layout()).init(init)
+  return init
+
+
+def init_state(config, model, tx, batch, layout=None) -> TrainState:
+  """Fresh parameters and optimizer state, placed by `layout` (default: one
+  device): on a mesh each array is created already sharded."""
+  layout = layout or sharding.Layout()
+  return layout.init(_initializer(config, model, tx, batch))
+
+
+def abstract_state(config, model, tx, batch, layout=None) -> TrainState:
+  """`init_state` as ShapeDtypeStructs with the shardings of `layout`: a
+  checkpoint restore template for any layout, that allocates nothing."""
+  layout = layout or sharding.Layout()
+  return layout.abstract_init(_initializer(config, model, tx, batch))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
