@@ -265,8 +265,9 @@ class MoeLayer(nn.Module):
       x_EGCD, combine_GSEC = dispatch_lib.dispatch(
         x_GSD.astype(dtype), route, E, capacity, cfg.dispatch
       )
+      y_EGCD = experts(x_EGCD)
       y_GSD = dispatch_lib.combine(
-        experts(x_EGCD), route, E, capacity, cfg.dispatch, combine_GSEC
+        y_EGCD, route, E, capacity, cfg.dispatch, combine_GSEC
       )
     else:  # experts split over the mesh's `expert` axis
       y_GSD = expert_parallel.moe_ffn(

@@ -124,10 +124,13 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
 
 
 def mesh_from_config(mesh_config) -> jax.sharding.Mesh | None:
-  """The mesh of `config.mesh`; None (one device, no mesh) when all sizes
-  are 1, whatever the number of devices available."""
+  """The mesh of `config.mesh`, or None (one device, no mesh) when it has a
+  single device: all sizes 1 (whatever the devices available), or -1 on a
+  machine with one device."""
   if all(int(s) == 1 for s in mesh_config.shape):
     mesh_shape(mesh_config.shape, 1)  # still checks the number of sizes
+    return None
+  if math.prod(mesh_shape(mesh_config.shape, jax.device_count())) == 1:
     return None
   return make_mesh(mesh_config.shape)
 
@@ -159,12 +162,6 @@ def rules_from_config(mesh_config) -> tuple:
   return rules
 
 
-def current_rules() -> tuple:
-  """The rules of the innermost `axis_rules` context, else the default."""
-  rules = _RULES.get()
-  return LOGICAL_AXIS_RULES if rules is None else rules
-
-
 @contextlib.contextmanager
 def axis_rules(rules):
   """Uses `rules` instead of `LOGICAL_AXIS_RULES` inside the context."""
@@ -177,7 +174,9 @@ def axis_rules(rules):
 
 def mesh_axes(logical_name: str, rules=None) -> tuple[str, ...]:
   """The mesh axes `logical_name` is split over (empty: replicated)."""
-  table = dict(current_rules() if rules is None else rules)
+  if rules is None:  # those of the innermost `axis_rules`, else the default
+    rules = _RULES.get() or LOGICAL_AXIS_RULES
+  table = dict(rules)
   if logical_name not in table:
     raise ValueError(
       f"unknown logical axis {logical_name!r}; allowed: {sorted(table)} "
@@ -259,56 +258,37 @@ def shard_map(fn: Callable, in_names, out_names) -> Callable:
 
 
 def check_config(config, mesh) -> None:
-  """Raises ValueError unless the mesh divides the experts, the expert width,
-  the batches and the groups of `config` (a moe_jax run config)."""
+  """Raises ValueError unless `mesh` divides the experts, the expert width,
+  the batches and the groups of the run config `config` (groups never span
+  devices)."""
   moe, data = config.model.moe, config.data
   rules = rules_from_config(config.mesh)
-  if moe.num_experts > 0:
-    for what, value, logical in (
-      ("num_experts", moe.num_experts, "expert"),
-      ("expert_dim", moe.expert_dim, "mlp"),
-    ):
-      n = axis_size(mesh, logical, rules)
-      if value % n:
-        raise ValueError(
-          f"model.moe.{what}={value} is not divisible by the {n} devices of "
-          f"mesh axes {mesh_axes(logical, rules)} (mesh.shape="
-          f"{tuple(mesh.shape.values())}); use a multiple of {n} or another "
-          f"mesh.shape."
-        )
+
+  def check(value, logical, what, hint):
+    n = axis_size(mesh, logical, rules)
+    if value % n:
+      raise ValueError(
+        f"{what} is not divisible by the {n} devices of mesh axes "
+        f"{mesh_axes(logical, rules)} (mesh.shape="
+        f"{tuple(mesh.shape.values())}); {hint}."
+      )
+
   for what in ("batch_size", "eval_batch_size"):
-    batch = data[what]
-    check_groups(
-      mesh,
-      batch,
-      data.seq_len,
-      moe.group_size if moe.num_experts else None,
-      rules,
-      what=f"data.{what}",
-    )
-
-
-def check_groups(mesh, batch, length, group_size, rules=None, what="batch"):
-  """Raises ValueError unless data x expert divides the batch and the groups
-  (groups never span devices)."""
-  n = axis_size(mesh, "batch", rules)
-  if batch % n:
-    raise ValueError(
-      f"{what}={batch} is not divisible by the {n} devices of mesh axes "
-      f"{mesh_axes('batch', rules)}; use a multiple of {n}."
-    )
-  if group_size is None:
-    return
-  size = shapes.group_size_for(batch * length, group_size)
-  groups = batch * length // size
-  n = axis_size(mesh, "group", rules)
-  if groups % n:
-    raise ValueError(
-      f"{what}={batch} x seq_len={length} tokens make G={groups} groups of "
-      f"group_size={size}, not divisible by the {n} devices of mesh axes "
-      f"{mesh_axes('group', rules)}: groups never span devices. Use a "
-      f"smaller group_size or a larger batch."
-    )
+    B, L = data[what], data.seq_len
+    check(B, "batch", f"data.{what}={B}", "use a multiple of the devices")
+    if moe.num_experts > 0:
+      S = shapes.group_size_for(B * L, moe.group_size)
+      check(
+        B * L // S,
+        "group",
+        f"G={B * L // S} groups (data.{what} x seq_len / group_size = "
+        f"{B} x {L} / {S})",
+        "groups never span devices: lower group_size or raise the batch",
+      )
+  if moe.num_experts > 0:
+    E, F = moe.num_experts, moe.expert_dim
+    check(E, "expert", f"model.moe.num_experts={E}", "change E or the mesh")
+    check(F, "mlp", f"model.moe.expert_dim={F}", "change F or the mesh")
 
 
 # ---------------------------------------------------------------------------
@@ -343,13 +323,14 @@ class Layout:
     return cls(mesh, rules_from_config(config.mesh))
 
   def describe(self) -> str:
-    """E.g. "mesh data=2 expert=4 model=1 (8 devices, 1 process)"."""
+    """E.g. "mesh data=2 expert=4 model=1 (8 cpu devices, 1 process)"."""
     if self.mesh is None:
       return f"one device ({jax.devices()[0].platform})"
     axes = " ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+    processes = jax.process_count()
     return (
       f"mesh {axes} ({self.mesh.size} {jax.devices()[0].platform} devices, "
-      f"{jax.process_count()} processes)"
+      f"{processes} process{'es' if processes > 1 else ''})"
     )
 
   def sharding(self, names: Sequence[str | None]) -> NamedSharding:

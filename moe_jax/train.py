@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from moe_jax import data, plotting, sharding, writers
@@ -187,12 +188,25 @@ def abstract_state(config, model, tx, batch, layout=None) -> TrainState:
   return layout.abstract_init(_initializer(config, model, tx, batch))
 
 
+def _open_data(config):
+  """The train iterator and the eval batches. Every process reads the same
+  global batches; in a multi-process run process 0 prepares the corpus
+  first, while the others wait (they would race to write it)."""
+  first = jax.process_index() == 0
+  if not first:
+    multihost_utils.sync_global_devices("moe_jax: corpus prepared")
+  train_iter = data.create_train_iterator(config.data, seed=config.seed)
+  eval_batches = data.create_eval_batches(config.data)
+  if first and jax.process_count() > 1:
+    multihost_utils.sync_global_devices("moe_jax: corpus prepared")
+  return train_iter, eval_batches
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Runs (or resumes) training in `workdir`; returns the final metrics."""
   # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
   layout = sharding.Layout.from_config(config)
-  train_iter = data.create_train_iterator(config.data, seed=config.seed)
-  eval_batches = data.create_eval_batches(config.data)
+  train_iter, eval_batches = _open_data(config)
   model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optimizer, num_steps)

@@ -113,9 +113,9 @@ def tiny_config(data_dir):
   return config
 
 
-def _overrides(config) -> list[str]:
-  """The --config.* flags that make configs/switch_top1.py `config`."""
-  flat = {**TINY, "data.data_dir": config.data.data_dir}
+def _overrides(data_dir) -> list[str]:
+  """The --config.* flags that make configs/switch_top1.py `tiny_config`."""
+  flat = {**TINY, "data.data_dir": data_dir}
   return [f"--config.{k}={v}" for k, v in flat.items()]
 
 
@@ -141,18 +141,23 @@ def reference(tmp_path_factory, worker_id):
   return config, workdir
 
 
-def _train_rows(workdir):
-  return [r for r in writers.read_metrics(str(workdir)) if "train/loss" in r]
+def _rows(workdir, split):
+  rows = writers.read_metrics(str(workdir))
+  return [r for r in rows if f"{split}/loss" in r]
 
 
 def _assert_same_run(workdir, reference_workdir):
-  got, expected = _train_rows(workdir), _train_rows(reference_workdir)
-  assert [r["step"] for r in got] == [r["step"] for r in expected]
-  for a, b in zip(got, expected):
-    for key in ("train/loss", "train/grad_norm", "train/aux/router_z_loss"):
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
-    drops = "train/moe/layer_01/drop_fraction"
-    assert a[drops] == b[drops]  # routing does not depend on the mesh
+  """Every logged step has the reference's losses (to rounding) and exactly
+  its drop fractions."""
+  for split in ("train", "eval"):
+    got, expected = _rows(workdir, split), _rows(reference_workdir, split)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected):
+      for key in ("loss", "lm_loss", "aux/router_z_loss"):
+        key = f"{split}/{key}"
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+      drops = f"{split}/moe/layer_01/drop_fraction"
+      assert a[drops] == b[drops], (drops, a["step"])
 
 
 def _state(config, workdir, layout=None):
@@ -180,7 +185,7 @@ def test_train_on_eight_devices_and_restore_on_other_meshes(
       "moe_jax.train",
       f"--config={REPO / 'configs' / 'switch_top1.py'}",
       f"--workdir={workdir}",
-      *_overrides(config),
+      *_overrides(config.data.data_dir),
       "--config.mesh.shape=(2,4,1)",
       "--config.model.moe.dispatch=einsum",
     ],
@@ -232,7 +237,8 @@ def test_two_processes_agree_with_one_process(tmp_path, reference):
     "moe_jax.train",
     f"--config={REPO / 'configs' / 'switch_top1.py'}",
     f"--workdir={workdir}",
-    *_overrides(config),
+    # A fresh corpus directory: process 0 prepares it while process 1 waits.
+    *_overrides(tmp_path / "tfds"),
     "--config.mesh.shape=(2,2,1)",
     "--distributed",
     f"--coordinator_address=127.0.0.1:{_free_port()}",

@@ -122,7 +122,7 @@ def _run_config(num_experts=8, expert_dim=32, batch=8, seq_len=32, group=32):
     ),
     (dict(batch=4), (2, 4, 1), r"batch_size=4 is not divisible by the 8"),
     # 8 x 32 tokens in groups of 64: G = 4 groups for 8 devices.
-    (dict(group=64), (2, 4, 1), r"G=4 groups of group_size=64, not divisible"),
+    (dict(group=64), (2, 4, 1), r"G=4 groups \(.* = 8 x 32 / 64\) is not divi"),
   ],
 )
 def test_mesh_that_does_not_divide_the_model_is_an_error(
