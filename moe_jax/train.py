@@ -10,6 +10,12 @@ every step's randomness is derived from (seed, step).
 
 The workdir receives config.json, run_info.json (git revision, versions),
 metrics.jsonl, TensorBoard events, checkpoints/ and summary.png.
+
+On several devices, `--config.mesh.shape=(data,expert,model)` shards the run
+(`moe_jax.sharding`); with `--distributed` (and on one machine
+`--coordinator_address --num_processes --process_id`) every process runs the
+same command and jax.distributed joins them. See the README's "Distributed
+training".
 """
 
 import functools
