@@ -92,6 +92,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.98
   config.optimizer.grad_clip_norm = 1.0
 
+  # ---- mesh: devices as (data, expert, model); see moe_jax.sharding and the
+  # README's "Distributed training". All 1s: one device, no mesh.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (1, 1, 1)  # (data, expert, model); one size may be -1
+  config.mesh.expert_parallel = "shard_map"  # "shard_map" | "gspmd"
+  # Overrides of moe_jax.sharding.LOGICAL_AXIS_RULES: ((name, mesh_axes), ...)
+  config.mesh.logical_axis_rules = ()
+
   # ---- train loop.
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 1500

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import losses, metrics, routing, shapes
+from moe_jax import expert_parallel, losses, metrics, routing, shapes, sharding
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,6 +63,8 @@ class MoeConfig:
   activation: str = "gelu"
   gated: bool = False
   dtype: str = "float32"
+  # Used only under a device mesh; see moe_jax.expert_parallel.
+  expert_parallel: str = "shard_map"
 
   def __post_init__(self):
     if self.num_experts < 1:
@@ -80,6 +82,9 @@ class MoeConfig:
     _choice("load_balancing", self.load_balancing, losses.LOAD_BALANCING_LOSSES)
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("dtype", self.dtype, DTYPES)
+    _choice(
+      "expert_parallel", self.expert_parallel, expert_parallel.IMPLEMENTATIONS
+    )
     if self.router_jitter < 0 or self.router_jitter >= 1:
       raise ValueError(f"router_jitter={self.router_jitter} must be in [0, 1).")
     if self.expert_dim < 1 or self.group_size < 1 or self.min_capacity < 0:
@@ -144,11 +149,20 @@ def _ffn_init(batch_axis=()):
   )
 
 
+_EDF_INIT = nn.with_logical_partitioning(
+  _ffn_init((0,)), ("expert", "embed", "mlp")
+)
+_EFD_INIT = nn.with_logical_partitioning(
+  _ffn_init((0,)), ("expert", "mlp", "embed")
+)
+
+
 class Experts(nn.Module):
   """E feed-forward networks, stacked weights wi `[E, D, F]`, wo `[E, F, D]`.
 
   FFN_e(x) = act(x wi_e) wo_e, or (act(x wi_e) * (x wi_gate_e)) wo_e when
-  gated (GLU variants, Shazeer 2020).
+  gated (GLU variants, Shazeer 2020). The weights carry the logical axis
+  names of `moe_jax.sharding`: E "expert", D "embed", F "mlp".
   """
 
   num_experts: int
@@ -160,15 +174,15 @@ class Experts(nn.Module):
   @nn.compact
   def __call__(self, x_EGCD: jax.Array) -> jax.Array:
     E, D, F = self.num_experts, x_EGCD.shape[-1], self.expert_dim
-    wi_EDF = self.param("wi", _ffn_init((0,)), (E, D, F), jnp.float32)
+    wi_EDF = self.param("wi", _EDF_INIT, (E, D, F), jnp.float32)
     h_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, wi_EDF.astype(self.dtype))
     h_EGCF = ACTIVATIONS[self.activation](h_EGCF)
     if self.gated:
-      gate_EDF = self.param("wi_gate", _ffn_init((0,)), (E, D, F), jnp.float32)
+      gate_EDF = self.param("wi_gate", _EDF_INIT, (E, D, F), jnp.float32)
       h_EGCF = h_EGCF * jnp.einsum(
         "egcd,edf->egcf", x_EGCD, gate_EDF.astype(self.dtype)
       )
-    wo_EFD = self.param("wo", _ffn_init((0,)), (E, F, D), jnp.float32)
+    wo_EFD = self.param("wo", _EFD_INIT, (E, F, D), jnp.float32)
     return jnp.einsum("egcf,efd->egcd", h_EGCF, wo_EFD.astype(self.dtype))
 
 
@@ -244,15 +258,28 @@ class MoeLayer(nn.Module):
     )
 
     dtype = DTYPES[cfg.dtype]
-    x_EGCD, combine_GSEC = dispatch_lib.dispatch(
-      x_GSD.astype(dtype), route, E, capacity, cfg.dispatch
-    )
-    y_EGCD = Experts(
+    experts = Experts(
       E, cfg.expert_dim, cfg.activation, cfg.gated, dtype, name="experts"
-    )(x_EGCD)
-    y_GSD = dispatch_lib.combine(
-      y_EGCD, route, E, capacity, cfg.dispatch, combine_GSEC
     )
+    if sharding.active_mesh() is None:
+      x_EGCD, combine_GSEC = dispatch_lib.dispatch(
+        x_GSD.astype(dtype), route, E, capacity, cfg.dispatch
+      )
+      y_EGCD = experts(x_EGCD)
+      y_GSD = dispatch_lib.combine(
+        y_EGCD, route, E, capacity, cfg.dispatch, combine_GSEC
+      )
+    else:  # experts split over the mesh's `expert` axis
+      y_GSD = expert_parallel.moe_ffn(
+        x_GSD.astype(dtype),
+        route,
+        experts,
+        num_experts=E,
+        expert_dim=cfg.expert_dim,
+        capacity=capacity,
+        backend=cfg.dispatch,
+        implementation=cfg.expert_parallel,
+      )
 
     balance_fn = losses.LOAD_BALANCING_LOSSES[cfg.load_balancing]
     self.sow(

@@ -105,6 +105,30 @@ def router_probabilities(logits_GSE: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
 
 
+def _top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
+  """The indices of `jax.lax.top_k(x_GSE, k)`, by k passes of argmax.
+
+  Same order and ties (the lower index first, also among -inf). XLA's SPMD
+  partitioner keeps argmax local to the devices that hold each group, but
+  all-gathers the group axis of a top_k; for the K of routing (1, 2, up to
+  8) the passes cost about as much as top_k.
+  """
+  E = x_GSE.shape[-1]
+  taken_GSE = jnp.zeros(x_GSE.shape, bool)
+  index_K_GS = []
+  for _ in range(k):
+    index_GS = jnp.argmax(jnp.where(taken_GSE, -jnp.inf, x_GSE), axis=-1)
+    # Only when every free entry is -inf can argmax land on a taken one.
+    first_free_GS = jnp.argmax(~taken_GSE, axis=-1)
+    landed_on_taken_GS = jnp.take_along_axis(
+      taken_GSE, index_GS[..., None], axis=-1
+    )[..., 0]
+    index_GS = jnp.where(landed_on_taken_GS, first_free_GS, index_GS)
+    index_K_GS.append(index_GS)
+    taken_GSE = taken_GSE | (jnp.arange(E) == index_GS[..., None])
+  return jnp.stack(index_K_GS, axis=-1)
+
+
 def top_k_gates(
   logits_GSE: jax.Array, top_k: int, convention: GateConvention
 ) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +145,8 @@ def top_k_gates(
   """
   chex.assert_rank(logits_GSE, 3)
   logits_GSE = logits_GSE.astype(jnp.float32)
-  top_logits_GSK, expert_index_GSK = jax.lax.top_k(logits_GSE, top_k)
+  expert_index_GSK = _top_k_indices(logits_GSE, top_k)
+  top_logits_GSK = jnp.take_along_axis(logits_GSE, expert_index_GSK, axis=-1)
   if convention.softmax_order == "after":
     gates_GSK = jax.nn.softmax(top_logits_GSK, axis=-1)
   elif convention.softmax_order == "before":

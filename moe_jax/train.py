@@ -10,6 +10,12 @@ every step's randomness is derived from (seed, step).
 
 The workdir receives config.json, run_info.json (git revision, versions),
 metrics.jsonl, TensorBoard events, checkpoints/ and summary.png.
+
+On several devices, `--config.mesh.shape=(data,expert,model)` shards the run
+(`moe_jax.sharding`); with `--distributed` (and on one machine
+`--coordinator_address --num_processes --process_id`) every process runs the
+same command and jax.distributed joins them. See the README's "Distributed
+training".
 """
 
 import functools
@@ -24,9 +30,10 @@ import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from moe_jax import data, plotting, writers
+from moe_jax import data, plotting, sharding, writers
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -160,22 +167,57 @@ def _host_metrics(prefix: str, logged: dict) -> dict[str, Any]:
   return out
 
 
-def init_state(config, model, tx, batch) -> TrainState:
-  """Fresh parameters and optimizer state (params rng: fold_in(seed, -1))."""
-  rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-  params = jax.jit(model.init)(rng, batch["inputs"])["params"]
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+def _initializer(config, model, tx, batch):
+  """() -> fresh TrainState, parameters boxed with their logical axis names
+  (params rng: fold_in(seed, -1)); only the batch's shape is used."""
+  shape = np.shape(batch["inputs"])
+
+  def init():
+    rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+    params = model.init(rng, jnp.zeros(shape, jnp.int32))["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  return init
+
+
+def init_state(config, model, tx, batch, layout=None) -> TrainState:
+  """Fresh parameters and optimizer state, placed by `layout` (default: one
+  device): on a mesh each array is created already sharded."""
+  layout = layout or sharding.Layout()
+  return layout.init(_initializer(config, model, tx, batch))
+
+
+def abstract_state(config, model, tx, batch, layout=None) -> TrainState:
+  """`init_state` as ShapeDtypeStructs with the shardings of `layout`: a
+  checkpoint restore template for any layout, that allocates nothing."""
+  layout = layout or sharding.Layout()
+  return layout.abstract_init(_initializer(config, model, tx, batch))
+
+
+def _open_data(config):
+  """The train iterator and the eval batches. Every process reads the same
+  global batches; in a multi-process run process 0 prepares the corpus
+  first, while the others wait (they would race to write it)."""
+  first = jax.process_index() == 0
+  if not first:
+    multihost_utils.sync_global_devices("moe_jax: corpus prepared")
+  train_iter = data.create_train_iterator(config.data, seed=config.seed)
+  eval_batches = data.create_eval_batches(config.data)
+  if first and jax.process_count() > 1:
+    multihost_utils.sync_global_devices("moe_jax: corpus prepared")
+  return train_iter, eval_batches
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Runs (or resumes) training in `workdir`; returns the final metrics."""
-  # ---- Data, model, optimizer.
-  train_iter = data.create_train_iterator(config.data, seed=config.seed)
-  eval_batches = data.create_eval_batches(config.data)
+  # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
+  layout = sharding.Layout.from_config(config)
+  train_iter, eval_batches = _open_data(config)
   model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
   num_steps = config.train.num_steps
   tx, schedule = make_optimizer(config.optimizer, num_steps)
-  step_fn = jax.jit(
+  state = init_state(config, model, tx, eval_batches[0], layout)
+  step_fn = layout.jit_train_step(
     functools.partial(
       train_step,
       model=model,
@@ -184,21 +226,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       loss_config=config.loss,
       seed=config.seed,
     ),
-    donate_argnums=0,
+    state,
   )
-  eval_fn = jax.jit(
-    functools.partial(eval_step, model=model, loss_config=config.loss)
+  eval_fn = layout.jit_eval_step(
+    functools.partial(eval_step, model=model, loss_config=config.loss),
+    state.params,
   )
+  eval_batches = [layout.put_batch(b) for b in eval_batches]
 
-  # ---- Fresh start or resume from the latest checkpoint.
-  writers.write_run_info(workdir, config)
-  writer = writers.MetricWriter(workdir)
+  # ---- Fresh start or resume from the latest checkpoint. In a multi-process
+  # run every process saves its shards; only process 0 writes the logs.
+  main_process = jax.process_index() == 0
+  writer = writers.NullWriter()
+  if main_process:
+    writers.write_run_info(workdir, config)
+    writer = writers.MetricWriter(workdir)
   ckpt = Checkpointer(
     f"{workdir}/checkpoints",
     max_to_keep=config.train.max_checkpoints_to_keep,
     save_interval_steps=config.train.checkpoint_every,
   )
-  state = init_state(config, model, tx, eval_batches[0])
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state)
     train_iter.set_state(data_state)
@@ -208,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(
     f"parameters: {n_params:,}; steps {start} -> {num_steps}; "
-    f"unigram baseline {baseline:.3f} nats/token"
+    f"unigram baseline {baseline:.3f} nats/token; {layout.describe()}"
   )
 
   # ---- Train; step t's metrics are read after step t+1 is dispatched.
@@ -218,12 +265,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     range(start, num_steps),
     initial=start,
     total=num_steps,
-    disable=not config.train.progress_bar,
+    disable=not (config.train.progress_bar and main_process),
     desc="train",
   )
   try:
     for step in bar:
-      state, logged = step_fn(state, next(train_iter))
+      state, logged = step_fn(state, layout.put_batch(next(train_iter)))
       if pending is not None:
         _report(writer, bar, *pending)
         pending = None
@@ -246,8 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     writer.close()
 
   # ---- Final summary.
-  plot_path = plotting.plot_run(workdir)
-  _print_summary(last_eval, baseline, plot_path)
+  if main_process:
+    _print_summary(last_eval, baseline, plotting.plot_run(workdir))
   return last_eval
 
 
@@ -280,6 +327,21 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file in configs/.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a multi-process run with jax.distributed.initialize(); on TPU pods "
+  "and SLURM clusters it finds the other processes by itself.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "With --distributed: host:port of process 0."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "With --distributed: how many processes."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "With --distributed: this process's index."
+)
 
 
 def main(argv):
@@ -287,6 +349,10 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

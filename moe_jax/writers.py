@@ -125,6 +125,20 @@ class MetricWriter:
     self.close()
 
 
+class NullWriter:
+  """Stands in for a `MetricWriter` in the processes of a multi-process run
+  that do not write (all but process 0)."""
+
+  def write(self, step: int, metrics: dict[str, Any]):
+    del step, metrics
+
+  def truncate_after(self, step: int):
+    del step
+
+  def close(self):
+    pass
+
+
 def _drop_torn_tail(path: str):
   """Cuts a last line that a crash left without its newline, if any."""
   if not os.path.exists(path):

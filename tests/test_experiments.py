@@ -1,6 +1,7 @@
 """Tests of the scripts in experiments/ on hand-made run directories."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "configs"))
+import bench_all_to_all  # noqa: E402
 import compare_runs  # noqa: E402
+import switch_top1  # noqa: E402
 
 
 def _fake_run(path: Path, num_experts: int):
@@ -64,3 +68,72 @@ def test_command_line_prints_a_table(tmp_path):
   assert "| moe | switch | 8/1 | 30 | 1.500 | 0.500 |" in out
   assert "| dense | dense | - |" in out
   assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_to_all_formula_by_hand():
+  """8 x 128 tokens in groups of 512: G = 2, S = 512; C = ceil(1.25 * 512 / 8)
+  = 80 (Switch rule); E = 8, D = 128, float32; MoE in blocks 1 and 3. On a
+  (1, 2, 1) mesh each device holds G/2 = 1 group: 8 * 1 * 80 * 128 = 81,920
+  elements per buffer, 4 buffers x 2 layers = 655,360 elements = 2,621,440
+  bytes of operands, of which 1/2 leaves the device."""
+  config = switch_top1.get_config()
+  config.data.batch_size = 8
+  f = bench_all_to_all.formula(config, (1, 2, 1))
+  assert (f["G"], f["C"], f["layers"]) == (2, 80, 2)
+  assert f["operand_elements_per_device"] == 655_360
+  assert f["operand_bytes_per_device"] == 2_621_440
+  assert f["sent_bytes_per_device"] == 1_310_720
+  assert f["sent_bytes_total"] == 2 * 1_310_720
+
+
+def test_hlo_all_to_all_sums_tuple_parts():
+  hlo = """
+  %a = f32[2,8]{1,0} add(f32[2,8] %x, f32[2,8] %y)
+  %all-to-all = (f32[2,2,3,16]{3,2,1,0}, f32[2,2,3,16]{3,2,1,0}) all-to-all(%p, %q), channel_id=1
+  %all-to-all.1 = bf16[4,16]{1,0} all-to-all(%r), dimensions={0}
+  %all-gather = f32[16]{0} all-gather(%s), dimensions={0}
+  """  # noqa: E501
+  got = bench_all_to_all.hlo_all_to_all(hlo)
+  assert got["elements"] == 2 * 2 * 2 * 3 * 16 + 4 * 16  # 384 + 64
+  assert got["bytes"] == 384 * 4 + 64 * 2
+  assert got["dtypes"] == ["bf16", "f32"]
+  counts = bench_all_to_all.hlo_collectives(hlo)
+  assert counts["all-to-all"] == 2 and counts["all-gather"] == 1
+
+
+def test_bench_all_to_all_command_line_matches_the_hlo(tmp_path):
+  """The cost line of a tiny config on 4 simulated devices; the compiled
+  step's all-to-all operands must match the formula element for element."""
+  out = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "experiments" / "bench_all_to_all.py"),
+      f"--config={REPO / 'configs' / 'switch_top1.py'}",
+      "--config.mesh.shape=(1,4,1)",
+      "--config.data.seq_len=32",
+      "--config.data.batch_size=8",
+      "--config.model.d_model=32",
+      "--config.model.num_layers=2",
+      "--config.model.moe.expert_dim=32",
+      "--config.model.moe.group_size=64",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=300,
+    env=dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+      ),
+    ),
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  # 8 x 32 tokens in groups of 64: G = 4, C = ceil(1.25 * 64 / 8) = 10; one
+  # group per device, one MoE layer (block 1 of 2): 4 buffers x 8 x 1 x 10 x
+  # 32 x 4 bytes = 40,960 bytes; 3/4 of them leave the device.
+  assert "1 MoE layers x 4 buffers [E=8, G=4, C=10, D=32]" in out.stdout
+  assert "0.04 MB operands per device, 0.03 MB leave each" in out.stdout
+  assert "(elements match)" in out.stdout

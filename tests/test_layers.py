@@ -3,6 +3,7 @@
 import dataclasses
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def _config(**overrides):
 def _init(config, x_BLD):
   layer = MoeLayer(config)
   params = layer.init(jax.random.key(0), x_BLD, deterministic=True)["params"]
-  return layer, params
+  return layer, nn.unbox(params)  # the expert weights carry logical names
 
 
 def _numpy_expert(params, e, x_ND):

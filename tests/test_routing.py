@@ -794,3 +794,23 @@ def test_router_probabilities_is_the_full_softmax():
   np.testing.assert_allclose(
     routing.router_probabilities(z), [[[0.125, 0.25, 0.625]]], rtol=1e-6
   )
+
+
+@hypothesis.given(
+  seed=st.integers(0, 2**31 - 1),
+  num_experts=st.sampled_from([2, 5, 8]),
+  top_k=st.integers(1, 5),
+)
+def test_top_k_indices_match_lax_top_k_with_ties_and_minus_inf(
+  seed, num_experts, top_k
+):
+  """K argmax passes (partitioned per group by GSPMD) choose exactly what
+  jax.lax.top_k chooses: the same order, ties to the lower index, also
+  among -inf logits."""
+  top_k = min(top_k, num_experts)
+  rng = np.random.default_rng(seed)
+  logits = rng.integers(-1, 2, (2, 6, num_experts)).astype(np.float32)
+  logits[rng.random(logits.shape) < 0.3] = -np.inf
+  expected = jax.lax.top_k(logits, top_k)[1]
+  got = routing._top_k_indices(jnp.asarray(logits), top_k)
+  np.testing.assert_array_equal(got, expected)

@@ -1,5 +1,6 @@
 """Tests of moe_jax.models.transformer: causality, MoE placement, dense."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,7 @@ def _config(num_experts=4, group_size=L, **overrides):
 
 
 def _params(model, tokens):
-  return model.init(jax.random.key(0), tokens)["params"]
+  return nn.unbox(model.init(jax.random.key(0), tokens)["params"])
 
 
 def test_moe_every_places_moe_in_every_nth_block():

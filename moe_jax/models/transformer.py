@@ -70,8 +70,11 @@ class TransformerConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int):
-    """From a run config: `config.model`, `config.loss`, `config.data`."""
+    """From a run config: `config.model`, `config.loss`, `config.data` and
+    `config.mesh.expert_parallel` (when the config has a mesh)."""
     m, moe = config.model, config.model.moe
+    mesh = config.get("mesh")
+    parallel = {} if mesh is None else {"expert_parallel": mesh.expert_parallel}
     moe_config = None
     if moe.num_experts > 0:
       moe_config = MoeConfig(
@@ -80,6 +83,7 @@ class TransformerConfig:
         activation=m.activation,
         gated=m.gated,
         dtype=m.dtype,
+        **parallel,
       )
     elif moe.num_experts < 0:
       raise ValueError(f"num_experts={moe.num_experts} must be >= 0.")
