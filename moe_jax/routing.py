@@ -317,6 +317,62 @@ def assign_slots(
 # The whole tokens-choose router.
 
 
+def route_choices(
+  expert_index_GSK: jax.Array,
+  gates_GSK: jax.Array,
+  probs_GSE: jax.Array,
+  *,
+  capacity: int,
+  priority: str = "k_major",
+  eligible_GSK: jax.Array | None = None,
+  renormalize_after_drop: bool = False,
+  padding_mask_GS: jax.Array | None = None,
+) -> Routing:
+  """Applies capacity to choices already made; the last step of every
+  tokens-choose router (learned or not).
+
+  Args:
+    expert_index_GSK: the chosen experts, in rank order.
+    gates_GSK: their combine weights before capacity.
+    probs_GSE: the router's distribution over all experts (for the losses,
+      the metrics and the batch-priority score max_e p).
+    capacity: C slots per expert per group.
+    priority: drop-priority order, see `assign_slots`.
+    eligible_GSK: pairs allowed to take a slot (default: all).
+    renormalize_after_drop: see `route_tokens`.
+    padding_mask_GS: 1/True for real tokens; padded tokens take no slot.
+
+  Returns:
+    A `Routing`; dropped pairs have gate exactly 0.
+  """
+  chex.assert_equal_shape([expert_index_GSK, gates_GSK])
+  num_experts = probs_GSE.shape[-1]
+  if eligible_GSK is None:
+    eligible_GSK = jnp.ones(expert_index_GSK.shape, bool)
+  if padding_mask_GS is not None:
+    chex.assert_shape(padding_mask_GS, probs_GSE.shape[:2])
+    eligible_GSK = eligible_GSK & padding_mask_GS.astype(bool)[..., None]
+  position_GSK, kept_GSK = assign_slots(
+    expert_index_GSK,
+    eligible_GSK,
+    num_experts,
+    capacity,
+    priority,
+    priority_score_GS=jnp.max(probs_GSE, axis=-1),
+  )
+  gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
+  if renormalize_after_drop:
+    total_GS1 = jnp.sum(gates_GSK, axis=-1, keepdims=True)
+    gates_GSK = gates_GSK / jnp.where(total_GS1 > 0, total_GS1, 1.0)
+  return Routing(
+    expert_index_GSK.astype(jnp.int32),
+    gates_GSK,
+    position_GSK,
+    kept_GSK,
+    probs_GSE,
+  )
+
+
 def route_tokens(
   logits_GSE: jax.Array,
   *,
@@ -359,19 +415,13 @@ def route_tokens(
   eligible_GSK = second_choice_mask(
     gates_GSK, second_policy, threshold=second_threshold, rng=rng
   )
-  if padding_mask_GS is not None:
-    chex.assert_shape(padding_mask_GS, logits_GSE.shape[:2])
-    eligible_GSK = eligible_GSK & padding_mask_GS.astype(bool)[..., None]
-  position_GSK, kept_GSK = assign_slots(
+  return route_choices(
     expert_index_GSK,
-    eligible_GSK,
-    num_experts,
-    capacity,
-    priority,
-    priority_score_GS=jnp.max(probs_GSE, axis=-1),
+    gates_GSK,
+    probs_GSE,
+    capacity=capacity,
+    priority=priority,
+    eligible_GSK=eligible_GSK,
+    renormalize_after_drop=renormalize_after_drop,
+    padding_mask_GS=padding_mask_GS,
   )
-  gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
-  if renormalize_after_drop:
-    total_GS1 = jnp.sum(gates_GSK, axis=-1, keepdims=True)
-    gates_GSK = gates_GSK / jnp.where(total_GS1 > 0, total_GS1, 1.0)
-  return Routing(expert_index_GSK, gates_GSK, position_GSK, kept_GSK, probs_GSE)
