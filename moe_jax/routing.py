@@ -612,10 +612,12 @@ def sinkhorn(
   so every expert's column of P sums to 1/E exactly and every real token's
   row to 1/T up to the tolerance (T = real tokens of the group). Computed in
   float32 with no gradient (Megatron runs it under `torch.no_grad` on fp32
-  logits). Two departures from Megatron, neither changing P: z - max_e z is
-  exponentiated instead of z (a per-token scale, absorbed by d0: exp cannot
-  overflow), and the loop stops after `max_iterations` if the tolerance is
-  not reached (Megatron loops until it is). Padded tokens get a zero row.
+  logits). Two departures from Megatron: z - max_e z is exponentiated
+  instead of z (a per-token scale that d0 absorbs, so the balanced P is the
+  same, but exp cannot overflow and the 1e-8 guards stay negligible next to
+  row sums >= 1), and the loop stops after `max_iterations` if the
+  tolerance is not reached (Megatron loops until it is). Padded tokens get a
+  zero row.
 
   Returns:
     float32 P `[G, S, E]`.
