@@ -146,8 +146,9 @@ class Router(nn.Module):
   Selective precision (Switch §2.4): the input is cast to float32 and the
   kernel is kept in float32. The kernel is drawn from a truncated normal with
   std sqrt(init_scale / D) (Switch §2.4: init_scale 0.1, a tenth of the
-  usual); init_scale 0 gives a zero kernel (Shazeer 2017 App. A). Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the
-  router input in training only (Switch App. C, eps = 1e-2).
+  usual); init_scale 0 gives a zero kernel (Shazeer 2017 App. A).
+  Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the router
+  input in training only (Switch App. C, eps = 1e-2).
   """
 
   num_experts: int
