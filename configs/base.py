@@ -69,6 +69,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.router_init_scale = 0.1  # Switch: 0.1x the default init
   config.model.moe.router_jitter = 0.0  # Switch App. C uses 1e-2
   config.model.moe.router_bias = False
+  # Tokens-choose rule applied to the router's logits at evaluation ("":
+  # route as in training), e.g. "top_k" for a causal eval of expert choice.
+  config.model.moe.eval_router = ""
+  # Expert choice and Sinkhorn routing read later tokens of the group; they
+  # are refused in this decoder unless this is set.
+  config.model.moe.allow_noncausal = False
+  config.model.moe.router_noise_std = 1.0  # V-MoE: noise std = this / E
+  config.model.moe.routing_seed = 0  # hash table; random routing at eval
 
   # ---- loss: LM cross-entropy + coefficient x each auxiliary loss.
   config.loss = ml_collections.ConfigDict()
@@ -77,6 +85,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
   config.loss.load_balancing_weight = 1e-2
   config.loss.router_z_loss_weight = 0.0
+  # CV^2 losses sown by the noisy routers (Shazeer 2017 or V-MoE form).
+  config.loss.importance_loss_weight = 0.0
+  config.loss.load_loss_weight = 0.0
   config.loss.layer_reduction = (
     "sum"  # over MoE layers: "sum" (Switch) | "mean"
   )

@@ -56,8 +56,8 @@ def _sown_routing(params, model, inputs_BL, mask_BL):
     deterministic=True,
     mutable=["intermediates"],
   )
-  return {
-    block: {k: v[0] for k, v in modules["moe"].items()}
+  return {  # the decisions only (the layer also sows its router logits)
+    block: {k: modules["moe"][k][0] for k in ("expert_index", "gates", "kept")}
     for block, modules in sorted(state["intermediates"].items())
     if "moe" in modules
   }

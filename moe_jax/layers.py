@@ -10,17 +10,27 @@ over the experts that token t was dispatched to (GShard §2.2, Switch Eq. 2);
 the caller adds y to the residual stream, so a token whose experts are all
 full passes through unchanged.
 
+The router is chosen by name (`MoeConfig.router`, see
+`routing.ROUTING_SCHEMES`); `_ROUTE_FAMILIES` maps each family to the one
+pure routing function it calls, and every family returns a `routing.Routing`,
+so dispatch, experts and combine are shared.
+
 The layer returns y only. Its auxiliary losses are sown into the `aux_loss`
-collection (`load_balancing_loss`, `router_z_loss`, unweighted) and its
-routing metrics into `moe_metrics`; the trainer weights and logs them.
-The routing decisions (`expert_index`, `gates`, `kept` as `[B, L, K]`) are
-sown into `intermediates` for analysis.
+collection, unweighted, under names the trainer looks up as
+`config.loss.<name>_weight`: `load_balancing_loss` (learned tokens-choose
+routers), `router_z_loss` (every learned router), and `importance_loss`,
+`load_loss` (the noisy routers). Non-learned routers sow none. Routing
+metrics go to `moe_metrics`; the routing decisions (`expert_index`, `gates`,
+`kept` as `[B, L, K]`) and the router's logits (`router_logits`; for noisy
+routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
+`intermediates` for analysis.
 
 RNG streams: `jitter` (router input noise), `routing` (GShard's random
-second-choice policy), `dropout`.
+second-choice policy, the noise of noisy routers, random routing), `dropout`.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,6 +46,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def _choice(name, value, allowed):
   if value not in allowed:
     raise ValueError(f"unknown {name}={value!r}; allowed: {sorted(allowed)}.")
+
+
+_NONCAUSAL_ERRORS = {
+  "expert_choice": (
+    "router='expert_choice' is not causal: each expert takes the top-C "
+    "tokens of a whole group, so whether token t is processed depends on the "
+    "scores of later tokens, and a decoder can read the future through its "
+    "routing (flaxformer: expert choice 'should not be used in decoder "
+    "blocks'; Wang et al. 2024 §5.2 measure the leak). Set "
+    "model.moe.allow_noncausal=True to train with it anyway, and evaluate "
+    "causally with model.moe.eval_router='top_k' (tokens choose on the same "
+    "scores)."
+  ),
+  "sinkhorn": (
+    "router='sinkhorn' is not causal in training: Sinkhorn balancing scales "
+    "each expert's column over the whole group, so a token's expert depends "
+    "on later tokens' logits and a decoder can read the future through its "
+    "routing. Evaluation is greedy and causal (Megatron-LM). Set "
+    "model.moe.allow_noncausal=True to train with it anyway."
+  ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +96,31 @@ class MoeConfig:
   dtype: str = "float32"
   # Used only under a device mesh; see moe_jax.expert_parallel.
   expert_parallel: str = "shard_map"
+  eval_router: str = ""
+  allow_noncausal: bool = False
+  router_noise_std: float = 1.0
+  routing_seed: int = 0
 
   def __post_init__(self):
     if self.num_experts < 1:
       raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
-    routing.gate_convention(self.router, self.top_k, self.num_experts)
+    scheme = routing.routing_scheme(self.router, self.top_k, self.num_experts)
+    if self.eval_router:
+      if self.eval_router not in routing.ROUTERS or not scheme.learned:
+        raise ValueError(
+          f"eval_router={self.eval_router!r} (with router={self.router!r}): "
+          "use '' to route as in training or, for a learned router, a "
+          "tokens-choose rule applied to its logits: "
+          f"{sorted(routing.ROUTERS)}."
+        )
+      routing.gate_convention(self.eval_router, self.top_k, self.num_experts)
+    if not scheme.causal and not self.allow_noncausal:
+      raise ValueError(_NONCAUSAL_ERRORS[self.router])
+    if self.router_init_scale < 0 or not self.router_noise_std > 0:
+      raise ValueError(
+        f"router_init_scale={self.router_init_scale} must be >= 0 (0: zero "
+        f"init) and router_noise_std={self.router_noise_std} > 0."
+      )
     for factor in ("capacity_factor", "eval_capacity_factor"):
       if not getattr(self, factor) > 0:
         raise ValueError(
@@ -100,8 +151,9 @@ class Router(nn.Module):
   Selective precision (Switch §2.4): the input is cast to float32 and the
   kernel is kept in float32. The kernel is drawn from a truncated normal with
   std sqrt(init_scale / D) (Switch §2.4: init_scale 0.1, a tenth of the
-  usual). Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the
-  router input in training only (Switch App. C, eps = 1e-2).
+  usual); init_scale 0 gives a zero kernel (Shazeer 2017 App. A).
+  Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the router
+  input in training only (Switch App. C, eps = 1e-2).
   """
 
   num_experts: int
@@ -206,6 +258,164 @@ class MlpBlock(nn.Module):
     return h_BLF @ wo_FD.astype(self.dtype)
 
 
+class _Inputs(NamedTuple):
+  """What every routing family sees."""
+
+  x_GSD: jax.Array
+  mask_GS: jax.Array
+  token_ids_GS: jax.Array | None
+  capacity: int
+  deterministic: bool
+  batch_length: tuple[int, int]  # (B, L), to sow intermediates as [B, L, E]
+
+
+def _sow_BLE(layer, inputs, name, value_GSE):
+  value_BLE = shapes.from_groups(value_GSE, *inputs.batch_length)
+  layer.sow("intermediates", name, value_BLE)
+
+
+def _tokens_choose(layer, inputs, logits_GSE, router=None):
+  """Tokens choose top-K under a gate convention of `routing.ROUTERS`."""
+  cfg = layer.config
+  policy = cfg.second_policy
+  if inputs.deterministic and policy == "random":
+    policy = "all"  # GShard's random policy is a training-time regulariser.
+  route = routing.route_tokens(
+    logits_GSE,
+    router=router or cfg.router,
+    top_k=cfg.top_k,
+    capacity=inputs.capacity,
+    priority=cfg.priority,
+    second_policy=policy,
+    second_threshold=cfg.second_threshold,
+    renormalize_after_drop=cfg.renormalize_after_drop,
+    padding_mask_GS=inputs.mask_GS,
+    rng=layer.make_rng("routing") if policy == "random" else None,
+  )
+  balance_fn = losses.LOAD_BALANCING_LOSSES[cfg.load_balancing]
+  loss = balance_fn(route.probs_GSE, route.expert_index_GSK, inputs.mask_GS)
+  return route, {"load_balancing_loss": loss}
+
+
+def _noisy_route(layer, inputs, logits_GSE, noise_std_GSE):
+  """Tokens choose on the noisy logits H (noise in training only)."""
+  normal_GSE = None
+  if not inputs.deterministic:
+    normal_GSE = jax.random.normal(layer.make_rng("routing"), logits_GSE.shape)
+  noisy_GSE = routing.noisy_logits(logits_GSE, noise_std_GSE, normal_GSE)
+  _sow_BLE(layer, inputs, "noisy_logits", noisy_GSE)
+  std_GSE = jnp.broadcast_to(noise_std_GSE, logits_GSE.shape)
+  _sow_BLE(layer, inputs, "noise_std", std_GSE)
+  gate = routing.NOISY_GATES[layer.config.router]
+  route, aux = _tokens_choose(layer, inputs, noisy_GSE, router=gate)
+  return route, aux, noisy_GSE
+
+
+def _noisy_top_k(layer, inputs, logits_GSE):
+  """Shazeer 2017 Eqs. 3-5 gating with Eqs. 6-11 losses."""
+  cfg = layer.config
+  # Shazeer App. A: W_noise starts at zero. It sees the un-jittered input.
+  noise_logits_GSE = Router(cfg.num_experts, init_scale=0.0, name="noise")(
+    inputs.x_GSD, deterministic=inputs.deterministic
+  )
+  std_GSE = routing.shazeer_noise_std(noise_logits_GSE)
+  route, aux, noisy_GSE = _noisy_route(layer, inputs, logits_GSE, std_GSE)
+  K, mask_GS = cfg.top_k, inputs.mask_GS
+  aux["importance_loss"] = losses.shazeer_importance_loss(noisy_GSE, K, mask_GS)
+  aux["load_loss"] = losses.shazeer_load_loss(
+    logits_GSE, noisy_GSE, std_GSE, K, mask_GS
+  )
+  return route, aux
+
+
+def _vmoe(layer, inputs, logits_GSE):
+  """V-MoE: fixed noise std noise_std / E, importance and load losses."""
+  cfg = layer.config
+  std = routing.vmoe_noise_std(cfg.router_noise_std, cfg.num_experts)
+  route, aux, noisy_GSE = _noisy_route(layer, inputs, logits_GSE, std)
+  K, mask_GS = cfg.top_k, inputs.mask_GS
+  aux["importance_loss"] = losses.vmoe_importance_loss(logits_GSE, mask_GS)
+  aux["load_loss"] = losses.vmoe_load_loss(
+    logits_GSE, noisy_GSE, std, K, mask_GS
+  )
+  return route, aux
+
+
+def _expert_choice(layer, inputs, logits_GSE):
+  del layer
+  route = routing.expert_choice_route(
+    logits_GSE, inputs.capacity, inputs.mask_GS
+  )
+  return route, {}
+
+
+def _soft_mixture(layer, inputs, logits_GSE):
+  del layer
+  return routing.soft_mixture_route(logits_GSE, inputs.mask_GS), {}
+
+
+def _sinkhorn(layer, inputs, logits_GSE):
+  cfg = layer.config
+  route = routing.sinkhorn_route(
+    logits_GSE,
+    top_k=cfg.top_k,
+    capacity=inputs.capacity,
+    balanced=not inputs.deterministic,
+    priority=cfg.priority,
+    padding_mask_GS=inputs.mask_GS,
+  )
+  return route, {}
+
+
+def _hash(layer, inputs):
+  cfg = layer.config
+  if inputs.token_ids_GS is None:
+    raise ValueError(
+      "router='hash' routes by token id: call MoeLayer with token_ids_BL "
+      "(TransformerLM passes its input tokens)."
+    )
+  route = routing.hash_route(
+    inputs.token_ids_GS,
+    cfg.num_experts,
+    top_k=cfg.top_k,
+    capacity=inputs.capacity,
+    seed=cfg.routing_seed,
+    priority=cfg.priority,
+    padding_mask_GS=inputs.mask_GS,
+  )
+  return route, {}
+
+
+def _random(layer, inputs):
+  cfg = layer.config
+  if inputs.deterministic:  # a fixed seeded choice at evaluation
+    rng = jax.random.key(cfg.routing_seed)
+  else:  # a fresh choice every training step
+    rng = layer.make_rng("routing")
+  route = routing.random_route(
+    rng,
+    cfg.num_experts,
+    top_k=cfg.top_k,
+    capacity=inputs.capacity,
+    padding_mask_GS=inputs.mask_GS,
+    priority=cfg.priority,
+  )
+  return route, {}
+
+
+# family -> (layer, inputs[, logits]) -> (Routing, unweighted aux losses).
+_ROUTE_FAMILIES = {
+  "tokens_choose": _tokens_choose,
+  "noisy_top_k": _noisy_top_k,
+  "vmoe": _vmoe,
+  "expert_choice": _expert_choice,
+  "soft_mixture": _soft_mixture,
+  "sinkhorn": _sinkhorn,
+  "hash": _hash,
+  "random": _random,
+}
+
+
 class MoeLayer(nn.Module):
   """Router + capacity-limited dispatch + experts + combine."""
 
@@ -218,6 +428,7 @@ class MoeLayer(nn.Module):
     padding_mask_BL: jax.Array | None = None,
     *,
     deterministic: bool,
+    token_ids_BL: jax.Array | None = None,
   ) -> jax.Array:
     cfg = self.config
     B, L, _ = x_BLD.shape
@@ -226,36 +437,21 @@ class MoeLayer(nn.Module):
       padding_mask_BL = jnp.ones((B, L), bool)
     x_GSD = shapes.to_groups(x_BLD, cfg.group_size)
     mask_GS = shapes.to_groups(padding_mask_BL.astype(bool), cfg.group_size)
+    token_ids_GS = None
+    if token_ids_BL is not None:
+      token_ids_GS = shapes.to_groups(token_ids_BL, cfg.group_size)
     S = x_GSD.shape[1]
-
-    logits_GSE = Router(
-      E,
-      cfg.router_init_scale,
-      cfg.router_jitter,
-      cfg.router_bias,
-      name="router",
-    )(x_GSD, deterministic=deterministic)
 
     factor = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
     capacity = routing.compute_capacity(
       S, E, K, factor, cfg.capacity_rule, cfg.min_capacity
     )
-    # GShard's random policy is a training-time regulariser.
-    policy = cfg.second_policy
-    if deterministic and policy == "random":
-      policy = "all"
-    route = routing.route_tokens(
-      logits_GSE,
-      router=cfg.router,
-      top_k=K,
-      capacity=capacity,
-      priority=cfg.priority,
-      second_policy=policy,
-      second_threshold=cfg.second_threshold,
-      renormalize_after_drop=cfg.renormalize_after_drop,
-      padding_mask_GS=mask_GS,
-      rng=self.make_rng("routing") if policy == "random" else None,
+    if cfg.router == "soft_mixture":
+      capacity = S  # every expert takes every token
+    inputs = _Inputs(
+      x_GSD, mask_GS, token_ids_GS, capacity, deterministic, (B, L)
     )
+    route, aux_losses = self._route(inputs)
 
     dtype = DTYPES[cfg.dtype]
     experts = Experts(
@@ -281,19 +477,46 @@ class MoeLayer(nn.Module):
         implementation=cfg.expert_parallel,
       )
 
-    balance_fn = losses.LOAD_BALANCING_LOSSES[cfg.load_balancing]
-    self.sow(
-      "aux_loss",
-      "load_balancing_loss",
-      balance_fn(route.probs_GSE, route.expert_index_GSK, mask_GS),
-    )
-    self.sow(
-      "aux_loss", "router_z_loss", losses.router_z_loss(logits_GSE, mask_GS)
-    )
-    for name, value in metrics.routing_metrics(route, mask_GS).items():
+    for name, value in aux_losses.items():
+      self.sow("aux_loss", name, value)
+    metrics_fn = metrics.routing_metrics
+    if self._experts_choose(deterministic):
+      metrics_fn = metrics.expert_choice_metrics
+    for name, value in metrics_fn(route, mask_GS).items():
       self.sow("moe_metrics", name, value)
     self.sow("moe_metrics", "capacity", jnp.asarray(capacity, jnp.float32))
     for name in ("expert_index", "gates", "kept"):
       value_GSK = getattr(route, f"{name}_GSK")
       self.sow("intermediates", name, shapes.from_groups(value_GSK, B, L))
     return shapes.from_groups(y_GSD, B, L).astype(x_BLD.dtype)
+
+  def _experts_choose(self, deterministic: bool) -> bool:
+    """Whether this call routes by expert choice (not its eval_router)."""
+    cfg = self.config
+    family = routing.ROUTING_SCHEMES[cfg.router].family
+    return family == "expert_choice" and not (deterministic and cfg.eval_router)
+
+  def _route(self, inputs: _Inputs):
+    """One call into the routing family of `config.router`."""
+    cfg = self.config
+    scheme = routing.ROUTING_SCHEMES[cfg.router]
+    route_fn = _ROUTE_FAMILIES[scheme.family]
+    if not scheme.learned:
+      return route_fn(self, inputs)
+    logits_GSE = Router(
+      cfg.num_experts,
+      cfg.router_init_scale,
+      cfg.router_jitter,
+      cfg.router_bias,
+      name="router",
+    )(inputs.x_GSD, deterministic=inputs.deterministic)
+    _sow_BLE(self, inputs, "router_logits", logits_GSE)
+    route, aux_losses = route_fn(self, inputs, logits_GSE)
+    if inputs.deterministic and cfg.eval_router:
+      # Causal-safe evaluation of a non-causal router: tokens choose on the
+      # same logits (the aux losses stay those of the training router).
+      route, _ = _tokens_choose(self, inputs, logits_GSE, cfg.eval_router)
+    aux_losses["router_z_loss"] = losses.router_z_loss(
+      logits_GSE, inputs.mask_GS
+    )
+    return route, aux_losses

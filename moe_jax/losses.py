@@ -12,6 +12,12 @@ reduces over layers as `config.loss.layer_reduction` says.
 Notation: f_e is a dispatch fraction (counted before capacity, so overflowing
 tokens count, as in GShard Alg. 1), P_e the mean router probability of expert
 e over the group's tokens, from the full softmax over all E experts.
+
+`LOAD_BALANCING_LOSSES` (f times P, chosen by `config.loss.load_balancing`)
+apply to every learned tokens-choose router. The noisy routers also sow the
+coefficient-of-variation losses of their papers: `shazeer_importance_loss`
+and `shazeer_load_loss` (Shazeer 2017, router "noisy_top_k"),
+`vmoe_importance_loss` and `vmoe_load_loss` (V-MoE, router "vmoe").
 """
 
 import chex
@@ -189,3 +195,163 @@ def router_z_loss(
   mask_GS = _real_tokens(padding_mask, router_logits.shape[:2])
   lse_GS = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
   return _mean_over_groups(_group_mean(lse_GS**2, mask_GS), mask_GS)
+
+
+# ---------------------------------------------------------------------------
+# Coefficient-of-variation losses of the noisy routers (Shazeer 2017; V-MoE).
+# Sown by routers "noisy_top_k" and "vmoe" as `importance_loss` and
+# `load_loss`, unweighted (weights: config.loss.importance_loss_weight and
+# load_loss_weight). Each is 0 under perfect balance and E - 1 when one
+# expert holds everything. The papers sum over a batch; here, as for every
+# loss in this module, per group over the real tokens, then the mean over
+# groups.
+
+
+def _cv_squared(x_GE: jax.Array) -> jax.Array:
+  """CV(x)^2 = Var(x) / Mean(x)^2 over experts, population variance (as
+  coded in vmoe; Shazeer 2017 does not say which); 0 where the mean is 0."""
+  mean_G = jnp.mean(x_GE, axis=-1)
+  var_G = jnp.var(x_GE, axis=-1)
+  safe_G = jnp.where(mean_G > 0, mean_G, 1.0)
+  return jnp.where(mean_G > 0, var_G / safe_G**2, 0.0)
+
+
+def _group_sum(x_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(mask_GS[..., None] > 0, x_GSE, 0.0), axis=1)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+  """Phi, the standard normal CDF."""
+  return jax.scipy.stats.norm.cdf(x)
+
+
+def shazeer_importance_loss(
+  noisy_logits: jax.Array,
+  top_k: int,
+  padding_mask: jax.Array | None = None,
+) -> jax.Array:
+  """Importance loss of noisy top-k gating (Shazeer et al. 2017, Eqs. 6-7).
+
+    G(x) = Softmax(KeepTopK(H(x), k))          (Eqs. 3, 5; sparse gates)
+    Importance(X)_e = sum_{x in X} G(x)_e      (Eq. 6)
+    L_importance = CV(Importance(X))^2         (Eq. 7, before w_importance)
+
+  G is the gate as the gating network gives it, before any capacity limit
+  (the paper has none). The paper uses w_importance = 0.1 (Appendix A,
+  Table 6: 0.1 with w_load = 0.1).
+
+  Args:
+    noisy_logits: H `[G, S, E]` (`routing.noisy_logits`).
+    top_k: k.
+    padding_mask: `[G, S]`, 1 for real tokens.
+  """
+  chex.assert_rank(noisy_logits, 3)
+  mask_GS = _real_tokens(padding_mask, noisy_logits.shape[:2])
+  H_GSE = noisy_logits.astype(jnp.float32)
+  _, top_GSK = jax.lax.top_k(H_GSE, top_k)
+  kept_GSE = jnp.sum(jax.nn.one_hot(top_GSK, H_GSE.shape[-1]), axis=2) > 0
+  gates_GSE = jax.nn.softmax(jnp.where(kept_GSE, H_GSE, -jnp.inf))  # Eq. 3, 5
+  importance_GE = _group_sum(gates_GSE, mask_GS)  # Eq. 6
+  return _mean_over_groups(_cv_squared(importance_GE), mask_GS)  # Eq. 7
+
+
+def shazeer_load_loss(
+  logits: jax.Array,
+  noisy_logits: jax.Array,
+  noise_std: jax.Array,
+  top_k: int,
+  padding_mask: jax.Array | None = None,
+) -> jax.Array:
+  """Smooth load loss of noisy top-k gating (Shazeer et al. 2017, App. A,
+  Eqs. 8-11).
+
+  P(x, e) is the probability that expert e is among the k chosen for x when
+  the noise on e alone is drawn again:
+
+    P(x, e) = Phi(((x W_g)_e - kth_excluding(H(x), k, e))
+                  / Softplus((x W_noise)_e))                    (Eqs. 8-9)
+    Load(X)_e = sum_{x in X} P(x, e)                           (Eq. 10)
+    L_load = CV(Load(X))^2                                      (Eq. 11)
+
+  kth_excluding(H, k, e), the k-th largest of H without component e, is the
+  (k+1)-th largest of H when e is in the top k and the k-th otherwise. The
+  gradient reaches W_g through (x W_g)_e and the threshold, and W_noise
+  through the noise scale. At k = E every expert is always chosen: P = 1
+  and the loss is 0. The paper uses w_load = 0.1 (App. A, Table 6).
+
+  Args:
+    logits: clean logits x W_g `[G, S, E]`.
+    noisy_logits: H `[G, S, E]`.
+    noise_std: Softplus(x W_noise), broadcastable to `[G, S, E]`; floored at
+      1e-6 so the division stays finite.
+    top_k: k.
+    padding_mask: `[G, S]`, 1 for real tokens.
+  """
+  chex.assert_equal_shape([logits, noisy_logits])
+  E = logits.shape[-1]
+  mask_GS = _real_tokens(padding_mask, logits.shape[:2])
+  if top_k >= E:
+    return jnp.zeros((), jnp.float32)
+  z_GSE = logits.astype(jnp.float32)
+  H_GSE = noisy_logits.astype(jnp.float32)
+  top_values_GSX, top_GSX = jax.lax.top_k(H_GSE, top_k + 1)
+  in_top_k_GSE = jnp.sum(jax.nn.one_hot(top_GSX[..., :top_k], E), axis=2) > 0
+  kth_GS1 = top_values_GSX[..., top_k - 1, None]  # k-th largest of H
+  next_GS1 = top_values_GSX[..., top_k, None]  # (k+1)-th largest of H
+  kth_excluding_GSE = jnp.where(in_top_k_GSE, next_GS1, kth_GS1)  # Eq. 8
+  std_GSE = jnp.maximum(jnp.broadcast_to(noise_std, z_GSE.shape), 1e-6)
+  P_GSE = _normal_cdf((z_GSE - kth_excluding_GSE) / std_GSE)  # Eq. 9
+  load_GE = _group_sum(P_GSE, mask_GS)  # Eq. 10
+  return _mean_over_groups(_cv_squared(load_GE), mask_GS)  # Eq. 11
+
+
+def vmoe_importance_loss(
+  logits: jax.Array, padding_mask: jax.Array | None = None
+) -> jax.Array:
+  """V-MoE importance loss (Riquelme et al. 2021, App. A; as coded in
+  google-research/vmoe `vmoe/nn/routing.py` `_importance_auxiliary_loss`).
+
+    imp_e = sum_t p_{t,e},  p = softmax(z) of the CLEAN logits over all E
+    L_imp = Var(imp) / Mean(imp)^2             (population variance)
+
+  vmoe's default weight is 0.005 (REFERENCE (d)).
+  """
+  chex.assert_rank(logits, 3)
+  mask_GS = _real_tokens(padding_mask, logits.shape[:2])
+  p_GSE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  importance_GE = _group_sum(p_GSE, mask_GS)
+  return _mean_over_groups(_cv_squared(importance_GE), mask_GS)
+
+
+def vmoe_load_loss(
+  logits: jax.Array,
+  noisy_logits: jax.Array,
+  noise_std: float,
+  top_k: int,
+  padding_mask: jax.Array | None = None,
+) -> jax.Array:
+  """V-MoE load loss (Riquelme et al. 2021, App. A; as coded in vmoe
+  `_load_auxiliary_loss`).
+
+    thr_t = the K-th largest NOISY logit of token t (e not excluded)
+    q_{t,e} = 1 - Phi((thr_t - z_{t,e}) / sigma),  sigma = noise_std / E
+    L_load = Var(q_bar) / Mean(q_bar)^2,  q_bar_e = mean_t q_{t,e}
+
+  It differs from Shazeer's Eq. 9 in the threshold (e's own noisy logit is
+  not excluded) and in the fixed sigma. vmoe's default weight is 0.005.
+
+  Args:
+    logits: clean logits z `[G, S, E]`.
+    noisy_logits: z + sigma * eps `[G, S, E]`.
+    noise_std: sigma (`routing.vmoe_noise_std`), > 0.
+    top_k: K.
+    padding_mask: `[G, S]`, 1 for real tokens.
+  """
+  chex.assert_equal_shape([logits, noisy_logits])
+  mask_GS = _real_tokens(padding_mask, logits.shape[:2])
+  z_GSE = logits.astype(jnp.float32)
+  top_values_GSK, _ = jax.lax.top_k(noisy_logits.astype(jnp.float32), top_k)
+  threshold_GS1 = top_values_GSK[..., -1:]
+  q_GSE = 1.0 - _normal_cdf((threshold_GS1 - z_GSE) / noise_std)
+  q_mean_GE = _group_mean(q_GSE, mask_GS)
+  return _mean_over_groups(_cv_squared(q_mean_GE), mask_GS)

@@ -20,6 +20,13 @@ reports each per layer. Definitions:
 - router_confidence: mean combine weight of the dispatched pairs
   (flaxformer's router_confidence).
 - top1_probability: mean over tokens of max_e p_{t,e}.
+
+Expert choice (`expert_choice_metrics`) has no per-token choices: c_e counts
+the tokens expert e took (C per group by construction, so load_cv and
+max_violation are 0 up to padding), drop_fraction is the share of tokens no
+expert took, and instead of per-rank drops it reports the number of experts
+per token (experts_per_token_min / _max / _mean) and
+tokens_with_at_least_{n}_experts for n = 1 .. min(E, 4).
 """
 
 import jax
@@ -28,43 +35,88 @@ import jax.numpy as jnp
 from moe_jax.routing import Routing
 
 
-def routing_metrics(
-  routing: Routing, padding_mask_GS: jax.Array | None = None
-) -> dict[str, jax.Array]:
-  """The metrics above for one MoE layer and batch (scalars, one E-vector)."""
-  G, S, K = routing.expert_index_GSK.shape
-  E = routing.probs_GSE.shape[-1]
+def _real_mask(routing: Routing, padding_mask_GS):
+  G, S = routing.expert_index_GSK.shape[:2]
   if padding_mask_GS is None:
-    mask_GS = jnp.ones((G, S), jnp.float32)
-  else:
-    mask_GS = padding_mask_GS.astype(jnp.float32)
-  num_tokens = jnp.maximum(jnp.sum(mask_GS), 1.0)
+    return jnp.ones((G, S), jnp.float32)
+  return padding_mask_GS.astype(jnp.float32)
 
-  choices_GSKE = jax.nn.one_hot(routing.expert_index_GSK, E)
-  counts_E = jnp.einsum("gske,gs->e", choices_GSKE, mask_GS)
+
+def _load_metrics(counts_E: jax.Array) -> dict[str, jax.Array]:
+  """Balance of per-expert counts c_e."""
+  E = counts_E.shape[0]
   mean_count = jnp.maximum(jnp.mean(counts_E), 1e-9)
   fraction_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1e-9)
+  return {
+    "expert_fraction": fraction_E,
+    "load_cv": jnp.std(counts_E) / mean_count,
+    "max_violation": (jnp.max(counts_E) - jnp.mean(counts_E)) / mean_count,
+    "dead_experts": jnp.sum(fraction_E < 0.1 / E).astype(jnp.float32),
+  }
 
+
+def _router_metrics(routing: Routing, mask_GS) -> dict[str, jax.Array]:
+  """Drops, entropy and confidence, shared by every router."""
+  num_tokens = jnp.maximum(jnp.sum(mask_GS), 1.0)
   kept_GSK = routing.kept_GSK.astype(jnp.float32)
-  dropped_K = jnp.einsum("gsk,gs->k", 1.0 - kept_GSK, mask_GS) / num_tokens
   lost_all_GS = jnp.all(~routing.kept_GSK, axis=-1).astype(jnp.float32)
-
   # Padded rows may hold anything (even NaN): zero them before any product.
   probs_GSE = jnp.where(mask_GS[..., None] > 0, routing.probs_GSE, 0.0)
   gates_GSK = jnp.where(mask_GS[..., None] > 0, routing.gates_GSK, 0.0)
   entropy_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), -1)
   num_kept = jnp.maximum(jnp.sum(kept_GSK * mask_GS[..., None]), 1.0)
-
-  metrics = {
-    "expert_fraction": fraction_E,
-    "load_cv": jnp.std(counts_E) / mean_count,
-    "max_violation": (jnp.max(counts_E) - jnp.mean(counts_E)) / mean_count,
-    "dead_experts": jnp.sum(fraction_E < 0.1 / E).astype(jnp.float32),
+  return {
     "drop_fraction": jnp.sum(lost_all_GS * mask_GS) / num_tokens,
     "router_entropy": jnp.sum(entropy_GS * mask_GS) / num_tokens,
     "router_confidence": jnp.sum(gates_GSK * mask_GS[..., None]) / num_kept,
     "top1_probability": jnp.sum(jnp.max(probs_GSE, -1) * mask_GS) / num_tokens,
   }
+
+
+def routing_metrics(
+  routing: Routing, padding_mask_GS: jax.Array | None = None
+) -> dict[str, jax.Array]:
+  """The metrics above for one MoE layer and batch (scalars, one E-vector)."""
+  K = routing.expert_index_GSK.shape[-1]
+  E = routing.probs_GSE.shape[-1]
+  mask_GS = _real_mask(routing, padding_mask_GS)
+  num_tokens = jnp.maximum(jnp.sum(mask_GS), 1.0)
+  choices_GSKE = jax.nn.one_hot(routing.expert_index_GSK, E)
+  counts_E = jnp.einsum("gske,gs->e", choices_GSKE, mask_GS)
+  kept_GSK = routing.kept_GSK.astype(jnp.float32)
+  dropped_K = jnp.einsum("gsk,gs->k", 1.0 - kept_GSK, mask_GS) / num_tokens
+  metrics = {**_load_metrics(counts_E), **_router_metrics(routing, mask_GS)}
   for k in range(K):
     metrics[f"drop_fraction_rank_{k + 1}"] = dropped_K[k]
+  return metrics
+
+
+def expert_choice_metrics(
+  routing: Routing,
+  padding_mask_GS: jax.Array | None = None,
+  max_listed: int = 4,
+) -> dict[str, jax.Array]:
+  """Metrics of an expert-choice `Routing` (K = E, rank e = expert e)."""
+  E = routing.probs_GSE.shape[-1]
+  mask_GS = _real_mask(routing, padding_mask_GS)
+  num_tokens = jnp.maximum(jnp.sum(mask_GS), 1.0)
+  kept_GSE = routing.kept_GSK.astype(jnp.float32) * mask_GS[..., None]
+  experts_per_token_GS = jnp.sum(kept_GSE, axis=-1)
+  real_GS = mask_GS > 0
+  metrics = {
+    **_load_metrics(jnp.sum(kept_GSE, axis=(0, 1))),
+    **_router_metrics(routing, mask_GS),
+    "experts_per_token_min": jnp.min(
+      jnp.where(real_GS, experts_per_token_GS, E)
+    ),
+    "experts_per_token_max": jnp.max(
+      jnp.where(real_GS, experts_per_token_GS, 0)
+    ),
+    "experts_per_token_mean": jnp.sum(experts_per_token_GS) / num_tokens,
+  }
+  for n in range(1, min(E, max_listed) + 1):
+    at_least_GS = (experts_per_token_GS >= n).astype(jnp.float32) * mask_GS
+    metrics[f"tokens_with_at_least_{n}_experts"] = (
+      jnp.sum(at_least_GS) / num_tokens
+    )
   return metrics

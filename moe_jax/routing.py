@@ -17,6 +17,12 @@ four steps, each a function here:
 
 `route_tokens` chains them into a `Routing`. `compute_capacity` turns a
 capacity factor into slots per expert under the conventions of `CAPACITY_RULES`.
+
+Other routers end in the same `Routing`, so both dispatch backends serve all:
+noisy top-k gating (`noisy_logits`, Shazeer 2017; V-MoE), expert choice
+(`expert_choice_route`, K = E), the dense soft mixture (`soft_mixture_route`),
+S-BASE (`sinkhorn_route`), and the non-learned `hash_route` and
+`random_route`. `ROUTING_SCHEMES` names them all for the MoE layer.
 """
 
 import dataclasses
@@ -342,6 +348,62 @@ def assign_slots(
 # The whole tokens-choose router.
 
 
+def route_choices(
+  expert_index_GSK: jax.Array,
+  gates_GSK: jax.Array,
+  probs_GSE: jax.Array,
+  *,
+  capacity: int,
+  priority: str = "k_major",
+  eligible_GSK: jax.Array | None = None,
+  renormalize_after_drop: bool = False,
+  padding_mask_GS: jax.Array | None = None,
+) -> Routing:
+  """Applies capacity to choices already made; the last step of every
+  tokens-choose router (learned or not).
+
+  Args:
+    expert_index_GSK: the chosen experts, in rank order.
+    gates_GSK: their combine weights before capacity.
+    probs_GSE: the router's distribution over all experts (for the losses,
+      the metrics and the batch-priority score max_e p).
+    capacity: C slots per expert per group.
+    priority: drop-priority order, see `assign_slots`.
+    eligible_GSK: pairs allowed to take a slot (default: all).
+    renormalize_after_drop: see `route_tokens`.
+    padding_mask_GS: 1/True for real tokens; padded tokens take no slot.
+
+  Returns:
+    A `Routing`; dropped pairs have gate exactly 0.
+  """
+  chex.assert_equal_shape([expert_index_GSK, gates_GSK])
+  num_experts = probs_GSE.shape[-1]
+  if eligible_GSK is None:
+    eligible_GSK = jnp.ones(expert_index_GSK.shape, bool)
+  if padding_mask_GS is not None:
+    chex.assert_shape(padding_mask_GS, probs_GSE.shape[:2])
+    eligible_GSK = eligible_GSK & padding_mask_GS.astype(bool)[..., None]
+  position_GSK, kept_GSK = assign_slots(
+    expert_index_GSK,
+    eligible_GSK,
+    num_experts,
+    capacity,
+    priority,
+    priority_score_GS=jnp.max(probs_GSE, axis=-1),
+  )
+  gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
+  if renormalize_after_drop:
+    total_GS1 = jnp.sum(gates_GSK, axis=-1, keepdims=True)
+    gates_GSK = gates_GSK / jnp.where(total_GS1 > 0, total_GS1, 1.0)
+  return Routing(
+    expert_index_GSK.astype(jnp.int32),
+    gates_GSK,
+    position_GSK,
+    kept_GSK,
+    probs_GSE,
+  )
+
+
 def route_tokens(
   logits_GSE: jax.Array,
   *,
@@ -384,19 +446,456 @@ def route_tokens(
   eligible_GSK = second_choice_mask(
     gates_GSK, second_policy, threshold=second_threshold, rng=rng
   )
-  if padding_mask_GS is not None:
-    chex.assert_shape(padding_mask_GS, logits_GSE.shape[:2])
-    eligible_GSK = eligible_GSK & padding_mask_GS.astype(bool)[..., None]
-  position_GSK, kept_GSK = assign_slots(
+  return route_choices(
     expert_index_GSK,
-    eligible_GSK,
-    num_experts,
-    capacity,
-    priority,
-    priority_score_GS=jnp.max(probs_GSE, axis=-1),
+    gates_GSK,
+    probs_GSE,
+    capacity=capacity,
+    priority=priority,
+    eligible_GSK=eligible_GSK,
+    renormalize_after_drop=renormalize_after_drop,
+    padding_mask_GS=padding_mask_GS,
   )
-  gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
-  if renormalize_after_drop:
-    total_GS1 = jnp.sum(gates_GSK, axis=-1, keepdims=True)
-    gates_GSK = gates_GSK / jnp.where(total_GS1 > 0, total_GS1, 1.0)
-  return Routing(expert_index_GSK, gates_GSK, position_GSK, kept_GSK, probs_GSE)
+
+
+# ---------------------------------------------------------------------------
+# Noisy gating (Shazeer 2017; V-MoE).
+
+
+def noisy_logits(
+  logits_GSE: jax.Array,
+  noise_std_GSE: jax.Array,
+  normal_GSE: jax.Array | None,
+) -> jax.Array:
+  """H = z + eps * sigma: the noisy logits that noisy routers select with.
+
+  Shazeer et al. 2017 Eq. 4: H(x)_i = (x W_g)_i + StandardNormal() *
+  Softplus((x W_noise)_i), so sigma = `shazeer_noise_std`. V-MoE (Riquelme
+  2021; as coded in google-research/vmoe `vmoe/nn/routing.py`) adds noise of
+  a fixed sigma = `vmoe_noise_std`. Noise belongs to training: pass
+  `normal_GSE=None` at evaluation to get H = z.
+
+  Args:
+    logits_GSE: clean logits z = x W_g.
+    noise_std_GSE: sigma, broadcastable to `[G, S, E]`.
+    normal_GSE: eps ~ N(0, 1) of the logits' shape, or None.
+
+  Returns:
+    float32 noisy logits H `[G, S, E]`.
+  """
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  if normal_GSE is None:
+    return logits_GSE
+  chex.assert_equal_shape([logits_GSE, normal_GSE])
+  return logits_GSE + normal_GSE * noise_std_GSE  # Shazeer 2017 Eq. 4
+
+
+def shazeer_noise_std(noise_logits_GSE: jax.Array) -> jax.Array:
+  """sigma = Softplus(x W_noise), the learned noise scale (Shazeer Eq. 4)."""
+  return jax.nn.softplus(noise_logits_GSE.astype(jnp.float32))  # Eq. 4
+
+
+def vmoe_noise_std(noise_std: float, num_experts: int) -> float:
+  """sigma = noise_std / E, V-MoE's fixed noise scale (as coded in vmoe
+  `NoisyTopExpertsPerItemRouter`, default noise_std 1.0)."""
+  return noise_std / num_experts
+
+
+# Gate conventions of the noisy routers, applied to the noisy logits H.
+NOISY_GATES = {
+  # Shazeer 2017 Eq. 3: G(x) = Softmax(KeepTopK(H(x), k)), the softmax over
+  # the k kept noisy logits (Eq. 5 sets the others to -inf): the "mixtral"
+  # convention applied to H.
+  "noisy_top_k": "mixtral",
+  # V-MoE: the combine weight is the noisy softmax over all E experts at the
+  # chosen expert (vmoe `gates_softmax_noisy`): the "top_k" convention.
+  "vmoe": "top_k",
+}
+
+
+# ---------------------------------------------------------------------------
+# Expert choice (Zhou et al. 2022).
+
+
+def expert_choice_route(
+  logits_GSE: jax.Array,
+  capacity: int,
+  padding_mask_GS: jax.Array | None = None,
+) -> Routing:
+  """Experts choose tokens (Zhou et al. 2022; paper details unverified, as
+  coded in google/flaxformer `ExpertsChooseMaskedRouter` and vmoe
+  `NoisyTopItemsPerExpertRouter`).
+
+    scores S = softmax(x W_g) over experts, per token      ([S, E] per group)
+    each expert e takes the C tokens of the group with the highest S[:, e]
+    y_t = sum over the experts e that took t of S[t, e] * FFN_e(x_t)
+
+  with C = S * c / E (c, the paper's capacity factor, is 2 in most of its
+  experiments; `compute_capacity(..., rule="switch")` gives ceil(c S / E)).
+  Every expert processes exactly C tokens (perfect load by construction, no
+  balancing loss); a token gets 0 to E experts. Ties go to the earlier token.
+
+  The result is a `Routing` with K = E: rank e is expert e
+  (expert_index[g, s, e] = e), kept iff expert e chose the token, position =
+  the token's rank in expert e's choice (so the einsum and index dispatchers
+  need no change), gate = the score S[t, e] where kept, else 0. Padded
+  tokens are never chosen.
+
+  NOT CAUSAL: whether expert e takes token t depends on the scores of every
+  token of the group, later ones included (see `ROUTING_SCHEMES`).
+
+  Args:
+    logits_GSE: router logits z.
+    capacity: C tokens per expert per group, 0 <= C <= S.
+    padding_mask_GS: 1/True for real tokens.
+
+  Returns:
+    A `Routing` with K = E.
+  """
+  chex.assert_rank(logits_GSE, 3)
+  G, S, E = logits_GSE.shape
+  if not 0 <= capacity <= S:
+    raise ValueError(
+      f"expert choice capacity={capacity} must be in [0, S={S}]: an expert "
+      "cannot take more tokens than its group holds."
+    )
+  probs_GSE = router_probabilities(logits_GSE)  # Zhou 2022: S = softmax(XW_g)
+  if padding_mask_GS is None:
+    real_GS = jnp.ones((G, S), bool)
+  else:
+    chex.assert_shape(padding_mask_GS, (G, S))
+    real_GS = padding_mask_GS.astype(bool)
+  # A padded token scores -1, below every probability, and is never kept.
+  scores_GES = jnp.where(real_GS[:, None, :], probs_GSE.transpose(0, 2, 1), -1)
+  _, token_index_GEC = jax.lax.top_k(scores_GES, capacity)  # TopK(S^T, C)
+  # position[g, e, s]: rank of token s in expert e's choice; C if not chosen.
+  rank_GEC = jnp.broadcast_to(jnp.arange(capacity), token_index_GEC.shape)
+  position_GES = (
+    jnp.full((G, E, S), capacity, jnp.int32)
+    .at[
+      jnp.arange(G)[:, None, None],
+      jnp.arange(E)[None, :, None],
+      token_index_GEC,
+    ]
+    .set(rank_GEC.astype(jnp.int32))
+  )
+  position_GSE = position_GES.transpose(0, 2, 1)
+  kept_GSE = (position_GSE < capacity) & real_GS[..., None]
+  expert_index_GSE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
+  gates_GSE = jnp.where(kept_GSE, probs_GSE, 0.0)  # gate = score where chosen
+  return Routing(expert_index_GSE, gates_GSE, position_GSE, kept_GSE, probs_GSE)
+
+
+# ---------------------------------------------------------------------------
+# Dense soft mixture (Jacobs et al. 1991).
+
+
+def soft_mixture_route(
+  logits_GSE: jax.Array, padding_mask_GS: jax.Array | None = None
+) -> Routing:
+  """The dense mixture of experts (Jacobs et al. 1991; equation numbers
+  unverified), in the notation of Shazeer et al. 2017 Eqs. 1-2:
+
+    y = sum_{e=1}^{E} G(x)_e FFN_e(x),   G(x) = Softmax(x W_g)
+
+  Every expert processes every token (K = E, capacity C = S: nothing is
+  dropped), weighted by the full softmax. It is the historical baseline of
+  sparse MoE and the K = E limit of `ROUTERS["top_k"]`.
+  """
+  chex.assert_rank(logits_GSE, 3)
+  _, S, E = logits_GSE.shape
+  return route_tokens(
+    logits_GSE,
+    router="top_k",
+    top_k=E,
+    capacity=S,
+    padding_mask_GS=padding_mask_GS,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Balanced assignment: S-BASE (Clark et al. 2022).
+
+
+def sinkhorn(
+  logits_GSE: jax.Array,
+  padding_mask_GS: jax.Array | None = None,
+  *,
+  tolerance: float = 1e-4,
+  max_iterations: int = 100,
+) -> jax.Array:
+  """Sinkhorn-normalises exp(z) to uniform marginals, per group (Clark et al.
+  2022 S-BASE; paper details unverified, as coded in NVIDIA/Megatron-LM
+  `megatron/core/transformer/moe/moe_utils.py` `sinkhorn`).
+
+    cost = exp(z); d1 = 1; repeat
+      d0_t = (1/T) / (sum_e cost_{t,e} d1_e + 1e-8)        (rows)
+      d1_e = (1/E) / (sum_t d0_t cost_{t,e} + 1e-8)        (columns)
+    until mean_e |d1 - d1_previous| < tolerance
+    P_{t,e} = d0_t cost_{t,e} d1_e
+
+  so every expert's column of P sums to 1/E exactly and every real token's
+  row to 1/T up to the tolerance (T = real tokens of the group). Computed in
+  float32 with no gradient (Megatron runs it under `torch.no_grad` on fp32
+  logits). Two departures from Megatron: z - max_e z is exponentiated
+  instead of z (a per-token scale that d0 absorbs, so the balanced P is the
+  same, but exp cannot overflow and the 1e-8 guards stay negligible next to
+  row sums >= 1), and the loop stops after `max_iterations` if the
+  tolerance is not reached (Megatron loops until it is). Padded tokens get a
+  zero row.
+
+  Returns:
+    float32 P `[G, S, E]`.
+  """
+  chex.assert_rank(logits_GSE, 3)
+  G, S, E = logits_GSE.shape
+  z_GSE = jax.lax.stop_gradient(logits_GSE.astype(jnp.float32))
+  if padding_mask_GS is None:
+    real_GS = jnp.ones((G, S), jnp.float32)
+  else:
+    chex.assert_shape(padding_mask_GS, (G, S))
+    real_GS = padding_mask_GS.astype(jnp.float32)
+  z_GSE = jnp.where(real_GS[..., None] > 0, z_GSE, 0.0)
+  cost_GSE = jnp.exp(z_GSE - jnp.max(z_GSE, -1, keepdims=True))
+  cost_GSE = cost_GSE * real_GS[..., None]
+  num_real_G = jnp.sum(real_GS, axis=1)
+  has_tokens_G = num_real_G > 0
+  row_target_G1 = 1.0 / jnp.maximum(num_real_G, 1.0)[:, None]
+  eps = 1e-8
+
+  def scale(d1_GE):
+    row_GS = jnp.einsum("gse,ge->gs", cost_GSE, d1_GE)
+    d0_GS = row_target_G1 / (row_GS + eps)  # rows -> 1/T
+    col_GE = jnp.einsum("gs,gse->ge", d0_GS, cost_GSE)
+    return d0_GS, (1.0 / E) / (col_GE + eps)  # columns -> 1/E
+
+  def not_done(state):
+    i, _, _, error = state
+    return (i < max_iterations) & (error > tolerance)
+
+  def step(state):
+    i, _, d1_GE, _ = state
+    d0_GS, new_d1_GE = scale(d1_GE)
+    error_G = jnp.mean(jnp.abs(new_d1_GE - d1_GE), axis=-1)
+    error = jnp.max(jnp.where(has_tokens_G, error_G, 0.0))
+    return i + 1, d0_GS, new_d1_GE, error
+
+  init = (
+    jnp.zeros((), jnp.int32),
+    jnp.ones((G, S), jnp.float32),
+    jnp.ones((G, E), jnp.float32),
+    jnp.asarray(jnp.inf, jnp.float32),
+  )
+  _, d0_GS, d1_GE, _ = jax.lax.while_loop(not_done, step, init)
+  return d0_GS[..., None] * cost_GSE * d1_GE[:, None, :]
+
+
+def sinkhorn_route(
+  logits_GSE: jax.Array,
+  *,
+  top_k: int,
+  capacity: int,
+  balanced: bool,
+  priority: str = "k_major",
+  padding_mask_GS: jax.Array | None = None,
+  tolerance: float = 1e-4,
+  max_iterations: int = 100,
+) -> Routing:
+  """S-BASE routing (Clark et al. 2022; as coded in Megatron-LM
+  `TopKRouter.sinkhorn_load_balancing`).
+
+  Training (`balanced=True`): each token's K experts are the top K of the
+  Sinkhorn-balanced `sinkhorn(z)`, which has no gradient. Evaluation
+  (`balanced=False`): the top K of the unbalanced scores, greedily. Either
+  way the gates are the unbalanced scores at the chosen experts:
+
+    g = sigmoid(z_e)                   at K = 1
+    g = softmax(z)_e over all E        at K > 1 (not renormalised over the K)
+
+  which carry the router's only gradient. Capacity then applies as for any
+  tokens-choose router (`route_choices`; Megatron is dropless by default, so
+  use a large capacity factor to match it). Training is NOT CAUSAL: the
+  balancing couples all tokens of the group, later ones included.
+  """
+  chex.assert_rank(logits_GSE, 3)
+  num_experts = logits_GSE.shape[-1]
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(
+      f"top_k={top_k} must be between 1 and num_experts={num_experts}."
+    )
+  z_GSE = logits_GSE.astype(jnp.float32)
+  if top_k == 1:
+    scores_GSE = jax.nn.sigmoid(z_GSE)  # Megatron: sigmoid at k = 1
+  else:
+    scores_GSE = jax.nn.softmax(z_GSE, axis=-1)  # Megatron: softmax at k > 1
+  if balanced:
+    select_GSE = sinkhorn(
+      z_GSE,
+      padding_mask_GS,
+      tolerance=tolerance,
+      max_iterations=max_iterations,
+    )
+  else:
+    select_GSE = scores_GSE
+  _, expert_index_GSK = jax.lax.top_k(select_GSE, top_k)
+  gates_GSK = jnp.take_along_axis(scores_GSE, expert_index_GSK, axis=-1)
+  return route_choices(
+    expert_index_GSK,
+    gates_GSK,
+    router_probabilities(z_GSE),
+    capacity=capacity,
+    priority=priority,
+    padding_mask_GS=padding_mask_GS,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Non-learned baselines: hash and random routing.
+
+
+def hash_scores(token_ids_GS: jax.Array, num_experts: int, seed: int):
+  """u[t, e] ~ U(0, 1) from a key fixed by (seed, token id): a fixed random
+  table token id -> E scores, computed on the fly instead of stored (so no
+  vocabulary size is needed). Same id, same scores, in every group and step.
+  """
+  key = jax.random.key(seed)
+  ids_N = token_ids_GS.reshape(-1).astype(jnp.int32)
+  scores_NE = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_experts,))
+  )(ids_N)
+  return scores_NE.reshape(*token_ids_GS.shape, num_experts)
+
+
+def fixed_choice_route(
+  scores_GSE: jax.Array,
+  probs_GSE: jax.Array,
+  *,
+  top_k: int,
+  capacity: int,
+  priority: str = "k_major",
+  padding_mask_GS: jax.Array | None = None,
+) -> Routing:
+  """Routing that no router learns: each token's K experts are the top K of
+  `scores_GSE` (random numbers), each with gate 1/K (1 at K = 1, as in hash
+  layers: y = FFN_{h(x)}(x)). Nothing here has a gradient and no balancing
+  loss applies. `probs_GSE` is the distribution the experts were drawn from
+  (for the metrics)."""
+  chex.assert_equal_shape([scores_GSE, probs_GSE])
+  _, expert_index_GSK = jax.lax.top_k(jax.lax.stop_gradient(scores_GSE), top_k)
+  gates_GSK = jnp.full(expert_index_GSK.shape, 1.0 / top_k, jnp.float32)
+  return route_choices(
+    expert_index_GSK,
+    gates_GSK,
+    probs_GSE,
+    capacity=capacity,
+    priority=priority,
+    padding_mask_GS=padding_mask_GS,
+  )
+
+
+def hash_route(
+  token_ids_GS: jax.Array,
+  num_experts: int,
+  *,
+  top_k: int,
+  capacity: int,
+  seed: int = 0,
+  priority: str = "k_major",
+  padding_mask_GS: jax.Array | None = None,
+) -> Routing:
+  """Hash routing (Roller et al. 2021; unverified): expert = h(token id)
+  from a fixed seeded random map (`hash_scores`; at K > 1, the K distinct
+  experts with the largest hashed scores). No router parameters, no
+  gradient, no auxiliary loss; probs_GSE is 1/K on the chosen experts."""
+  scores_GSE = hash_scores(token_ids_GS, num_experts, seed)
+  _, chosen_GSK = jax.lax.top_k(scores_GSE, top_k)
+  probs_GSE = jnp.sum(jax.nn.one_hot(chosen_GSK, num_experts), axis=2) / top_k
+  return fixed_choice_route(
+    scores_GSE,
+    probs_GSE,
+    top_k=top_k,
+    capacity=capacity,
+    priority=priority,
+    padding_mask_GS=padding_mask_GS,
+  )
+
+
+def random_route(
+  rng: jax.Array,
+  num_experts: int,
+  *,
+  top_k: int,
+  capacity: int,
+  padding_mask_GS: jax.Array,
+  priority: str = "k_major",
+) -> Routing:
+  """Uniform random routing: each token's K distinct experts drawn
+  uniformly from `rng` (the layer passes a fresh key each training step and
+  a fixed seeded key at evaluation). probs_GSE is the uniform 1/E."""
+  G, S = padding_mask_GS.shape
+  scores_GSE = jax.random.uniform(rng, (G, S, num_experts))
+  probs_GSE = jnp.full((G, S, num_experts), 1.0 / num_experts, jnp.float32)
+  return fixed_choice_route(
+    scores_GSE,
+    probs_GSE,
+    top_k=top_k,
+    capacity=capacity,
+    priority=priority,
+    padding_mask_GS=padding_mask_GS,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Every router the MoE layer can use.
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingScheme:
+  """What the MoE layer must know about a router besides its math.
+
+  Attributes:
+    family: which routing function the layer calls ("tokens_choose" for the
+      gate conventions of `ROUTERS`).
+    learned: has router weights W_g, so the router options (jitter, float32,
+      init scale, bias) and the router z-loss apply.
+    causal: usable in a decoder. False: a token's routing in training can
+      depend on later tokens of its group, and `MoeConfig` refuses the
+      router unless `allow_noncausal=True`.
+  """
+
+  family: str
+  learned: bool = True
+  causal: bool = True
+
+
+ROUTING_SCHEMES = {
+  **{name: RoutingScheme("tokens_choose") for name in ROUTERS},
+  "noisy_top_k": RoutingScheme("noisy_top_k"),
+  "vmoe": RoutingScheme("vmoe"),
+  "expert_choice": RoutingScheme("expert_choice", causal=False),
+  "soft_mixture": RoutingScheme("soft_mixture"),
+  "sinkhorn": RoutingScheme("sinkhorn", causal=False),
+  "hash": RoutingScheme("hash", learned=False),
+  "random": RoutingScheme("random", learned=False),
+}
+
+
+def routing_scheme(router: str, top_k: int, num_experts: int) -> RoutingScheme:
+  """Looks up `router` in `ROUTING_SCHEMES` and checks `top_k` against it."""
+  if router not in ROUTING_SCHEMES:
+    raise ValueError(
+      f"unknown router={router!r}; allowed: {sorted(ROUTING_SCHEMES)}."
+    )
+  scheme = ROUTING_SCHEMES[router]
+  if scheme.family == "tokens_choose":
+    gate_convention(router, top_k, num_experts)
+  elif scheme.family == "soft_mixture" and top_k != num_experts:
+    raise ValueError(
+      f"router='soft_mixture' sends every token to every expert: set "
+      f"top_k=num_experts={num_experts}, got top_k={top_k}."
+    )
+  elif not 1 <= top_k <= num_experts:
+    raise ValueError(
+      f"top_k={top_k} must be between 1 and num_experts={num_experts}."
+    )
+  return scheme

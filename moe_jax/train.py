@@ -86,6 +86,21 @@ def _layer_values(collection) -> dict[str, jax.Array]:
   return out
 
 
+def aux_loss_weight(loss_config: ml_collections.ConfigDict, name: str):
+  """The coefficient of the sown auxiliary loss `name`: config.loss.<name>
+  with "_weight" appended, or with "_loss" replaced by "_weight"
+  (load_balancing_loss -> load_balancing_weight). A loss without a weight is
+  an error, never silently dropped."""
+  keys = (f"{name}_weight", f"{name.removesuffix('_loss')}_weight")
+  for key in keys:
+    if key in loss_config:
+      return loss_config[key]
+  raise ValueError(
+    f"the model sows the auxiliary loss {name!r} but config.loss has no "
+    f"weight for it; add config.loss.{keys[0]}."
+  )
+
+
 def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
   """LM cross-entropy + weight x each auxiliary loss, and what to log."""
   logits_BLV, sown = model.apply(
@@ -103,15 +118,11 @@ def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
   lm_loss = jnp.sum(token_losses_BL * mask_BL) / jnp.maximum(mask_BL.sum(), 1)
   aux = _layer_values(sown.get("aux_loss", {}))
   reduce = {"sum": jnp.sum, "mean": jnp.mean}[loss_config.layer_reduction]
-  terms = {}
-  for name in ("load_balancing_loss", "router_z_loss"):
-    per_layer = [v for k, v in aux.items() if k.endswith(name)]
-    terms[name] = reduce(jnp.stack(per_layer)) if per_layer else 0.0
-  total = (
-    lm_loss
-    + loss_config.load_balancing_weight * terms["load_balancing_loss"]
-    + loss_config.router_z_loss_weight * terms["router_z_loss"]
-  )
+  terms, total = {}, lm_loss
+  for name in sorted({key.split("/", 1)[1] for key in aux}):
+    per_layer = [v for k, v in aux.items() if k.split("/", 1)[1] == name]
+    terms[name] = reduce(jnp.stack(per_layer))
+    total = total + aux_loss_weight(loss_config, name) * terms[name]
   logged = {"loss": total, "lm_loss": lm_loss}
   logged.update({f"aux/{k}": v for k, v in terms.items()})
   logged.update(

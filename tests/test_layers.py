@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe_jax.layers import Experts, MoeConfig, MoeLayer, Router
+from moe_jax.routing import ROUTING_SCHEMES
 
 D, F, E = 8, 16, 4
 
@@ -38,11 +39,15 @@ def _numpy_expert(params, e, x_ND):
   return np.maximum(x_ND @ wi, 0.0) @ wo
 
 
-def test_soft_mixture_limit_matches_float64_reference():
+@pytest.mark.parametrize("router", ["top_k", "soft_mixture"])
+def test_soft_mixture_limit_matches_float64_reference(router):
   """K = E with ample capacity is the dense soft mixture of Jacobs et al. 1991:
-  y_t = sum_e softmax(x_t W_r)_e FFN_e(x_t), computed here in float64 NumPy."""
+  y_t = sum_e softmax(x_t W_r)_e FFN_e(x_t), computed here in float64 NumPy.
+  Router "soft_mixture" is that limit by construction (C = S whatever the
+  capacity factor)."""
   x_BLD = jax.random.normal(jax.random.key(1), (2, 8, D))
-  config = _config(router="top_k", top_k=E, eval_capacity_factor=4.0)
+  factor = 4.0 if router == "top_k" else 0.1
+  config = _config(router=router, top_k=E, eval_capacity_factor=factor)
   layer, params = _init(config, x_BLD)
   y_BLD = layer.apply({"params": params}, x_BLD, deterministic=True)
 
@@ -244,3 +249,177 @@ def test_config_is_hashable_and_frozen():
   hash(config)
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.top_k = 2
+
+
+# ---------------------------------------------------------------------------
+# Other routers (routing.ROUTING_SCHEMES).
+
+LEARNED = sorted(n for n, s in ROUTING_SCHEMES.items() if s.learned)
+
+
+def _router_config(router, **overrides):
+  top_k = {"switch": 1, "gshard": 2, "soft_mixture": E}.get(router, 2)
+  base = dict(router=router, top_k=top_k, allow_noncausal=True)
+  base.update(overrides)
+  return _config(**base)
+
+
+def _apply(layer, params, x_BLD, *, deterministic, seed=0, **kwargs):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  return layer.apply(
+    {"params": params},
+    x_BLD,
+    deterministic=deterministic,
+    rngs={"routing": keys[0], "jitter": keys[1]},
+    mutable=["aux_loss", "moe_metrics", "intermediates"],
+    **kwargs,
+  )
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "indices"])
+def test_expert_choice_matches_float64_reference(dispatch):
+  """Zhou 2022: y_t = sum over the experts e that took t of p_{t,e}
+  FFN_e(x_t); each expert takes its C = ceil(CF S / E) = ceil(1.5 * 16 / 4)
+  = 6 highest-scoring tokens of the group (float64 NumPy loop)."""
+  x_BLD = jax.random.normal(jax.random.key(11), (2, 8, D))
+  config = _router_config(
+    "expert_choice", eval_capacity_factor=1.5, dispatch=dispatch
+  )
+  layer, params = _init(config, x_BLD)
+  y_BLD, sown = _apply(layer, params, x_BLD, deterministic=True)
+  x_ND = np.asarray(x_BLD, np.float64).reshape(-1, D)
+  logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
+  p_NE = np.exp(logits_NE - logits_NE.max(-1, keepdims=True))
+  p_NE /= p_NE.sum(-1, keepdims=True)
+  expected_ND = np.zeros_like(x_ND)
+  for e in range(E):
+    chosen = sorted(range(16), key=lambda t: (-p_NE[t, e], t))[:6]
+    for t in chosen:
+      expected_ND[t] += (
+        p_NE[t, e] * _numpy_expert(params, e, x_ND[t : t + 1])[0]
+      )
+  np.testing.assert_allclose(
+    np.asarray(y_BLD).reshape(-1, D), expected_ND, rtol=1e-4, atol=1e-5
+  )
+  metrics = sown["moe_metrics"]
+  assert float(metrics["max_violation"][0]) == 0.0  # 6 tokens per expert
+  np.testing.assert_allclose(metrics["experts_per_token_mean"][0], 24 / 16)
+  assert set(sown["aux_loss"]) == {"router_z_loss"}
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "sinkhorn"])
+def test_noncausal_routers_are_refused_unless_allowed(router):
+  """REFERENCE (i): expert choice (and Sinkhorn balancing) read later tokens
+  of the group; a decoder must opt in."""
+  with pytest.raises(ValueError, match="is not causal.*allow_noncausal=True"):
+    _config(router=router, top_k=2)
+  _config(router=router, top_k=2, allow_noncausal=True)
+  with pytest.raises(ValueError, match="eval_router='nope'"):
+    _config(router="top_k", top_k=2, eval_router="nope")
+  with pytest.raises(ValueError, match="eval_router='expert_choice'"):
+    _config(router="top_k", top_k=2, eval_router="expert_choice")
+
+
+def test_expert_choice_evaluates_as_tokens_choose_with_eval_router():
+  """eval_router="top_k": at evaluation the same router logits route tokens
+  choose top-K (causal); training still routes by expert choice."""
+  x_BLD = jax.random.normal(jax.random.key(12), (2, 8, D))
+  ec = _router_config("expert_choice", eval_router="top_k")
+  layer, params = _init(ec, x_BLD)
+  top_k_layer = MoeLayer(_router_config("top_k"))
+  y_eval, sown = _apply(layer, params, x_BLD, deterministic=True)
+  y_ref, _ = _apply(top_k_layer, params, x_BLD, deterministic=True)
+  np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(y_ref))
+  assert "drop_fraction_rank_2" in sown["moe_metrics"]
+  _, sown = _apply(layer, params, x_BLD, deterministic=False)
+  assert "experts_per_token_mean" in sown["moe_metrics"]
+
+
+def test_noisy_top_k_noise_is_zero_init_and_training_only():
+  """Shazeer 2017: W_noise (and here W_g, init scale 0) start at zero
+  (App. A); noise only in training; G = softmax over the K largest noisy
+  logits (Eqs. 3-5) and its CV^2 losses are sown."""
+  x_BLD = jax.random.normal(jax.random.key(13), (2, 8, D))
+  config = _router_config(
+    "noisy_top_k", router_init_scale=0.0, capacity_factor=4.0
+  )
+  layer, params = _init(config, x_BLD)
+  assert not np.any(np.asarray(params["noise"]["kernel"]))
+  assert not np.any(np.asarray(params["router"]["kernel"]))
+  eval_1, _ = _apply(layer, params, x_BLD, deterministic=True, seed=1)
+  eval_2, _ = _apply(layer, params, x_BLD, deterministic=True, seed=2)
+  np.testing.assert_array_equal(np.asarray(eval_1), np.asarray(eval_2))
+  train_1, sown = _apply(layer, params, x_BLD, deterministic=False, seed=1)
+  train_2, _ = _apply(layer, params, x_BLD, deterministic=False, seed=2)
+  assert not np.allclose(train_1, train_2)
+  H = np.asarray(sown["intermediates"]["noisy_logits"][0], np.float64)
+  np.testing.assert_allclose(
+    sown["intermediates"]["noise_std"][0], np.log(2.0), rtol=1e-6
+  )
+  top = np.sort(H, axis=-1)[..., ::-1][..., :2]
+  gates = np.exp(top - top[..., :1]) / np.exp(top - top[..., :1]).sum(
+    -1, keepdims=True
+  )
+  np.testing.assert_allclose(
+    sown["intermediates"]["gates"][0], gates, rtol=1e-5
+  )
+  assert set(sown["aux_loss"]) == {
+    "load_balancing_loss",
+    "router_z_loss",
+    "importance_loss",
+    "load_loss",
+  }
+
+
+@pytest.mark.parametrize("router", LEARNED)
+def test_every_learned_router_honours_the_router_options(router):
+  """Switch §2.4 float32 router kernel under a bfloat16 model, the optional
+  bias, init scale 0 = zero kernel, and jitter (App. C) only in training."""
+  x_BLD = jax.random.normal(jax.random.key(14), (2, 8, D)).astype(jnp.bfloat16)
+  config = _router_config(
+    router,
+    dtype="bfloat16",
+    router_bias=True,
+    router_jitter=0.1,
+    router_init_scale=0.0,
+  )
+  layer, params = _init(config, x_BLD)
+  assert params["router"]["kernel"].dtype == jnp.float32
+  assert not np.any(np.asarray(params["router"]["kernel"]))
+  assert params["router"]["bias"].shape == (E,)
+  params = jax.tree.map(lambda w: w + 0.5, params)  # make the kernel matter
+  logits = {}
+  for deterministic in (False, True):
+    for seed in (1, 2):
+      _, sown = _apply(
+        layer, params, x_BLD, deterministic=deterministic, seed=seed
+      )
+      logits[deterministic, seed] = sown["intermediates"]["router_logits"][0]
+  assert logits[False, 1].dtype == jnp.float32
+  assert not np.allclose(logits[False, 1], logits[False, 2])
+  np.testing.assert_array_equal(logits[True, 1], logits[True, 2])
+
+
+@pytest.mark.parametrize("router", ["hash", "random"])
+def test_non_learned_routers_have_no_router_and_no_aux_loss(router):
+  x_BLD = jax.random.normal(jax.random.key(15), (2, 8, D))
+  ids_BL = jax.random.randint(jax.random.key(16), (2, 8), 0, 50)
+  config = _router_config(router, top_k=1)
+  layer = MoeLayer(config)
+  params = layer.init(
+    jax.random.key(0), x_BLD, deterministic=True, token_ids_BL=ids_BL
+  )["params"]
+  assert set(params) == {"experts"}
+  runs = [
+    _apply(layer, params, x_BLD, deterministic=d, seed=s, token_ids_BL=ids_BL)
+    for d, s in [(False, 1), (False, 2), (True, 1), (True, 2)]
+  ]
+  experts = [np.asarray(s["intermediates"]["expert_index"][0]) for _, s in runs]
+  assert all("aux_loss" not in s for _, s in runs)
+  np.testing.assert_array_equal(experts[2], experts[3])  # fixed at eval
+  if router == "random":  # a fresh choice every training step
+    assert not np.array_equal(experts[0], experts[1])
+  else:  # a function of the token id
+    np.testing.assert_array_equal(experts[0], experts[2])
+    with pytest.raises(ValueError, match="needs|token_ids_BL"):
+      layer.apply({"params": params}, x_BLD, deterministic=True)

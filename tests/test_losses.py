@@ -5,6 +5,7 @@ or to a float64 NumPy loop written from the paper's definition.
 """
 
 import itertools
+import math
 
 import chex
 import jax
@@ -431,3 +432,163 @@ def test_nan_in_padded_rows_does_not_leak():
   )
   for name, value in metrics.routing_metrics(route, mask).items():
     assert np.all(np.isfinite(np.asarray(value))), name
+
+
+# ---------------------------------------------------------------------------
+# CV^2 losses of the noisy routers (Shazeer 2017; V-MoE).
+
+
+def _phi(x):
+  """Standard normal CDF from math.erf (independent of jax.scipy)."""
+  return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _cv2(values):
+  """CV^2 with the population variance."""
+  values = np.asarray(values, np.float64)
+  return values.var() / values.mean() ** 2
+
+
+def test_cv_squared_values_at_balance_and_collapse():
+  """0 under perfect balance; E - 1 when one expert holds everything:
+  [T, 0, 0, 0] has mean T/4, variance T^2 (1/4 - 1/16) = 3T^2/16, so
+  CV^2 = (3/16) / (1/16) = 3 = E - 1."""
+  uniform = jnp.zeros((1, 8, 4))
+  assert float(losses.vmoe_importance_loss(uniform)) == pytest.approx(0.0)
+  collapsed = jnp.tile(jnp.array([30.0, 0, 0, 0]), (1, 8, 1))
+  np.testing.assert_allclose(
+    losses.vmoe_importance_loss(collapsed), 3.0, rtol=1e-6
+  )
+
+
+def test_shazeer_importance_by_hand():
+  """Shazeer 2017 Eqs. 3, 5-7, k = 2:
+    t0 H = [ln 3, 0, -5, -9] -> top-2 (e0, e1): G = [3/4, 1/4, 0, 0]
+    t1 H = [-9, -5, 0, ln 3] -> top-2 (e3, e2): G = [0, 0, 1/4, 3/4]
+  Importance = [3/4, 1/4, 1/4, 3/4]; mean 1/2; Var = (1/4)^2 = 1/16;
+  CV^2 = (1/16) / (1/4) = 1/4."""
+  H = np.array([[[math.log(3), 0, -5, -9], [-9, -5, 0, math.log(3)]]])
+  got = losses.shazeer_importance_loss(jnp.asarray(H, jnp.float32), 2)
+  np.testing.assert_allclose(got, 0.25, rtol=1e-6)
+
+
+def test_shazeer_load_by_hand():
+  """Shazeer 2017 App. A Eqs. 8-11, one token, k = 1, sigma = 1:
+  z = [1, 0, 0], H = [1, 0.5, -1]: e0 is the top-1.
+  kth_excluding(H, 1, e0) = 0.5 (the best of the others), and for e1, e2
+  it is 1 (e0's H). P = [Phi(0.5), Phi(-1), Phi(-1)]
+    = [0.691462, 0.158655, 0.158655]; Load = P; CV^2 of it."""
+  z = jnp.array([[[1.0, 0.0, 0.0]]])
+  H = jnp.array([[[1.0, 0.5, -1.0]]])
+  P = [_phi(0.5), _phi(-1.0), _phi(-1.0)]
+  np.testing.assert_allclose(P, [0.691462, 0.158655, 0.158655], atol=1e-6)
+  got = losses.shazeer_load_loss(z, H, jnp.ones((1, 1, 3)), 1)
+  np.testing.assert_allclose(got, _cv2(P), rtol=1e-5)
+
+
+def test_shazeer_load_is_zero_when_every_expert_is_chosen():
+  z = jax.random.normal(jax.random.key(0), (1, 4, 3))
+  assert float(losses.shazeer_load_loss(z, z, 1.0, 3)) == 0.0
+
+
+def _reference_shazeer_load(z_GSE, H_GSE, std_GSE, k, mask_GS):
+  """Eqs. 8-11 as loops in float64, per group over real tokens."""
+  G, S, E = z_GSE.shape
+  values = []
+  for g in range(G):
+    real = [s for s in range(S) if mask_GS[g, s]]
+    if not real:
+      continue
+    load = np.zeros(E)
+    for s in real:
+      for e in range(E):
+        others = sorted(
+          (H_GSE[g, s, j] for j in range(E) if j != e), reverse=True
+        )
+        threshold = others[k - 1]  # kth_excluding(H(x), k, e)
+        load[e] += _phi((z_GSE[g, s, e] - threshold) / std_GSE[g, s, e])
+    values.append(_cv2(load))
+  return np.mean(values)
+
+
+def _reference_vmoe_load(z_GSE, H_GSE, std, k, mask_GS):
+  """vmoe `_load_auxiliary_loss` as loops in float64."""
+  G, S, E = z_GSE.shape
+  values = []
+  for g in range(G):
+    real = [s for s in range(S) if mask_GS[g, s]]
+    if not real:
+      continue
+    q = np.zeros(E)
+    for s in real:
+      threshold = sorted(H_GSE[g, s], reverse=True)[k - 1]
+      for e in range(E):
+        q[e] += 1 - _phi((threshold - z_GSE[g, s, e]) / std)
+    values.append(_cv2(q / len(real)))
+  return np.mean(values)
+
+
+def _reference_importance(G_GSE, mask_GS):
+  values = [
+    _cv2(G_GSE[g][mask_GS[g]].sum(0))
+    for g in range(len(G_GSE))
+    if mask_GS[g].any()
+  ]
+  return np.mean(values)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_noisy_losses_against_float64_references(k):
+  """Three random groups with padding (one group fully padded)."""
+  rng = np.random.default_rng(k)
+  G, S, E = 3, 6, 4
+  z = rng.normal(size=(G, S, E))
+  std = np.log1p(np.exp(rng.normal(size=(G, S, E))))  # softplus
+  H = z + std * rng.normal(size=(G, S, E))
+  mask = rng.random((G, S)) < 0.7
+  mask[0, 0], mask[2] = True, False
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+
+  got = losses.shazeer_load_loss(f32(z), f32(H), f32(std), k, jnp.asarray(mask))
+  want = _reference_shazeer_load(z, H, std, k, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+  sparse_G = np.zeros_like(H)  # Eqs. 3, 5: softmax over the k largest H
+  for idx in np.ndindex(G, S):
+    top = np.argsort(-H[idx])[:k]
+    w = np.exp(H[idx][top] - H[idx][top].max())
+    sparse_G[idx][top] = w / w.sum()
+  got = losses.shazeer_importance_loss(f32(H), k, jnp.asarray(mask))
+  np.testing.assert_allclose(
+    got, _reference_importance(sparse_G, mask), rtol=1e-4
+  )
+
+  sigma = 0.25
+  got = losses.vmoe_load_loss(f32(z), f32(H), sigma, k, jnp.asarray(mask))
+  want = _reference_vmoe_load(z, H, sigma, k, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # clean softmax
+  got = losses.vmoe_importance_loss(f32(z), jnp.asarray(mask))
+  np.testing.assert_allclose(got, _reference_importance(p, mask), rtol=1e-4)
+
+
+def test_noisy_losses_have_finite_gradients_for_both_weight_matrices():
+  """Shazeer App. A: the load estimator is smooth, so W_g and W_noise both
+  get gradients (the noise scale only through Eq. 9)."""
+  x = jax.random.normal(jax.random.key(1), (2, 8, 5))
+  w_g = jax.random.normal(jax.random.key(2), (5, 4)) * 0.1
+  w_noise = jnp.zeros((5, 4))  # App. A: W_noise starts at zero
+  eps = jax.random.normal(jax.random.key(3), (2, 8, 4))
+
+  def total(w_g, w_noise):
+    z = x @ w_g
+    std = jax.nn.softplus(x @ w_noise)
+    H = z + eps * std
+    return losses.shazeer_importance_loss(H, 2) + losses.shazeer_load_loss(
+      z, H, std, 2
+    )
+
+  g_g, g_noise = jax.grad(total, argnums=(0, 1))(w_g, w_noise)
+  for g in (g_g, g_noise):
+    assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 1e-5

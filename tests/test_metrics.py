@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.metrics import routing_metrics
+from moe_jax.metrics import expert_choice_metrics, routing_metrics
 from moe_jax.routing import Routing
 
 # G=1, S=4, E=4, K=2, capacity C=2, k-major (GShard Alg. 1):
@@ -154,3 +154,70 @@ def test_metrics_pool_all_groups():
   np.testing.assert_allclose(metrics["max_violation"], 0.25, rtol=1e-6)
   np.testing.assert_allclose(metrics["drop_fraction"], 0.125, rtol=1e-6)
   np.testing.assert_allclose(metrics["router_confidence"], 6.35 / 13, rtol=1e-6)
+
+
+# Expert choice, E = 3, S = 4, C = 1 (K = E: rank e is expert e):
+#   e0 took t0, e1 took t0, e2 took t2; t1 and t3 no expert.
+#   experts per token [2, 0, 1, 0] -> min 0, max 2, mean 3/4.
+#   at least 1: t0, t2 -> 1/2; at least 2: t0 -> 1/4; at least 3: 0.
+#   loads (tokens taken) [1, 1, 1] -> CV = MaxVio = 0, f = 1/3 each.
+#   drop_fraction (no expert) = 2/4.
+#   gates of kept pairs 0.5, 0.4, 0.7 -> router_confidence 1.6 / 3.
+_EC_KEPT = [
+  [
+    [True, True, False],
+    [False, False, False],
+    [False, False, True],
+    [False, False, False],
+  ]
+]
+_EC_PROBS = [
+  [[0.5, 0.4, 0.1], [0.3, 0.3, 0.4], [0.2, 0.1, 0.7], [0.4, 0.3, 0.3]]
+]
+
+
+def test_expert_choice_metrics_by_hand():
+  kept = np.array(_EC_KEPT)
+  probs = np.array(_EC_PROBS)
+  route = _routing(
+    np.broadcast_to(np.arange(3), (1, 4, 3)),
+    np.where(kept, probs, 0.0),
+    np.where(kept, 0, 1),
+    kept,
+    probs,
+  )
+  got = expert_choice_metrics(route)
+  expected = {
+    "experts_per_token_min": 0.0,
+    "experts_per_token_max": 2.0,
+    "experts_per_token_mean": 0.75,
+    "tokens_with_at_least_1_experts": 0.5,
+    "tokens_with_at_least_2_experts": 0.25,
+    "tokens_with_at_least_3_experts": 0.0,
+    "load_cv": 0.0,
+    "max_violation": 0.0,
+    "expert_fraction": [1 / 3] * 3,
+    "drop_fraction": 0.5,
+    "router_confidence": 1.6 / 3,
+  }
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name], value, atol=1e-6, err_msg=name)
+  assert not any(k.startswith("drop_fraction_rank") for k in got)
+  # Padding t0 out: t1..t3 remain; t0's two experts no longer count.
+  padded = expert_choice_metrics(route, jnp.array([[0, 1, 1, 1]]))
+  np.testing.assert_allclose(padded["experts_per_token_max"], 1.0)
+  np.testing.assert_allclose(padded["drop_fraction"], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(padded["max_violation"], 2.0, rtol=1e-6)
+
+
+def test_expert_choice_metrics_list_at_most_four_thresholds():
+  E = 8
+  route = _routing(
+    np.broadcast_to(np.arange(E), (1, 2, E)),
+    np.zeros((1, 2, E)),
+    np.zeros((1, 2, E), int),
+    np.ones((1, 2, E), bool),
+    np.full((1, 2, E), 1 / E),
+  )
+  names = [k for k in expert_choice_metrics(route) if "at_least" in k]
+  assert names == [f"tokens_with_at_least_{n}_experts" for n in (1, 2, 3, 4)]

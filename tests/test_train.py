@@ -6,36 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from moe_jax import data, train, writers
+from moe_jax.models import TransformerConfig, TransformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import switch_top1  # noqa: E402
+import tiny  # noqa: E402  (pytest puts tests/ on sys.path)
 
 
 def tiny_config(data_dir, **train_overrides):
   """configs/switch_top1.py shrunk to a few seconds of CPU."""
-  config = switch_top1.get_config()
-  config.data.data_dir = str(data_dir)
-  config.data.max_code_bytes = 300_000
-  config.data.seq_len = 32
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 8
-  config.data.num_eval_batches = 2
-  config.model.d_model = 32
-  config.model.num_layers = 2
-  config.model.num_heads = 2
-  config.model.mlp_dim = 64
-  config.model.moe.num_experts = 4
-  config.model.moe.expert_dim = 64
-  config.model.moe.group_size = 64
-  config.optimizer.warmup_steps = 2
-  config.train.progress_bar = False
-  config.train.update(train_overrides)
-  return config
+  return tiny.shrink(switch_top1.get_config(), data_dir, **train_overrides)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +174,58 @@ def test_command_line_runs_and_resumes(tmp_path, data_dir):
   )
   assert bad.returncode != 0
   assert "unknown router='nope'" in bad.stderr
+
+
+def test_every_sown_aux_loss_has_a_weight_or_is_an_error():
+  """STYLE rule 11: the trainer adds coefficient x loss for every sown loss;
+  a loss without a config.loss weight is an error, never dropped."""
+  loss = ml_collections.ConfigDict(
+    {
+      "load_balancing_weight": 0.5,
+      "router_z_loss_weight": 0.25,
+      "importance_loss_weight": 0.125,
+    }
+  )
+  assert train.aux_loss_weight(loss, "load_balancing_loss") == 0.5
+  assert train.aux_loss_weight(loss, "router_z_loss") == 0.25
+  assert train.aux_loss_weight(loss, "importance_loss") == 0.125
+  with pytest.raises(ValueError, match="'load_loss'.*loss.load_loss_weight"):
+    train.aux_loss_weight(loss, "load_loss")
+
+
+def test_compute_loss_adds_each_weighted_aux_loss_once(data_dir):
+  """total = lm_loss + sum over sown names of weight x (sum over layers)."""
+  config = tiny_config(data_dir)
+  config.model.num_layers = 4  # two MoE layers
+  config.model.moe.router = "noisy_top_k"
+  config.model.moe.top_k = 2
+  config.loss.load_balancing_weight = 0.5
+  config.loss.router_z_loss_weight = 0.25
+  config.loss.importance_loss_weight = 2.0
+  config.loss.load_loss_weight = 4.0
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  batch = data.create_eval_batches(config.data)[0]
+  params = model.init(jax.random.key(0), batch["inputs"])["params"]
+  total, logged = jax.jit(
+    lambda p: train.compute_loss(
+      p,
+      batch,
+      {"routing": jax.random.key(1)},
+      model=model,
+      loss_config=config.loss,
+      deterministic=False,
+    )
+  )(params)
+  weights = {
+    "load_balancing_loss": 0.5,
+    "router_z_loss": 0.25,
+    "importance_loss": 2.0,
+    "load_loss": 4.0,
+  }
+  assert {k for k in logged if k.startswith("aux/")} == {
+    f"aux/{name}" for name in weights
+  }
+  expected = float(logged["lm_loss"]) + sum(
+    w * float(logged[f"aux/{name}"]) for name, w in weights.items()
+  )
+  np.testing.assert_allclose(float(total), expected, rtol=1e-6)

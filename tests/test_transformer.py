@@ -122,3 +122,53 @@ def test_groups_spanning_sequences_couple_them():
   assert not np.array_equal(
     np.asarray(apply(tokens))[1], np.asarray(apply(changed))[1]
   )
+
+
+def _moe_model(**moe_overrides):
+  moe = dict(
+    num_experts=4,
+    expert_dim=32,
+    group_size=L,
+    capacity_factor=1.0,
+    eval_capacity_factor=1.0,
+    min_capacity=0,
+  )
+  moe.update(moe_overrides)
+  return TransformerLM(_config(num_experts=0, moe=MoeConfig(**moe)))
+
+
+def test_expert_choice_leaks_the_future_and_eval_router_does_not():
+  """REFERENCE (b), causality: with expert choice, whether token t is taken
+  depends on later tokens' scores, so earlier logits change when only later
+  tokens change (training mode). eval_router="top_k" routes the same logits
+  tokens-choose at evaluation, which is causal again."""
+  model = _moe_model(
+    router="expert_choice", allow_noncausal=True, eval_router="top_k"
+  )
+  tokens = jax.random.randint(jax.random.key(3), (2, L), 0, V)
+  params = _params(model, tokens)
+  t = 12
+  changed = tokens.at[:, t:].set((tokens[:, t:] + 5) % V)
+
+  def run(x, deterministic):
+    return np.asarray(
+      model.apply({"params": params}, x, deterministic=deterministic)
+    )
+
+  assert not np.allclose(run(tokens, False)[:, :t], run(changed, False)[:, :t])
+  np.testing.assert_array_equal(
+    run(tokens, True)[:, :t], run(changed, True)[:, :t]
+  )
+
+
+def test_hash_routing_gets_the_token_ids():
+  """Roller 2021: TransformerLM passes its input tokens to the MoE layer, so
+  equal token ids go to equal experts in every MoE block."""
+  model = _moe_model(router="hash")
+  tokens = jnp.array([[1, 2, 3, 1, 2, 3, 4, 5, 1, 1, 1, 6, 7, 2, 3, 4]])
+  params = _params(model, tokens)
+  _, sown = model.apply({"params": params}, tokens, mutable=["intermediates"])
+  for layer in ("layer_01", "layer_03"):
+    experts = np.asarray(sown["intermediates"][layer]["moe"]["expert_index"][0])
+    for token in (1, 2, 3):
+      assert len(set(experts[0][np.asarray(tokens[0]) == token, 0])) == 1

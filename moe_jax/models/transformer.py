@@ -116,7 +116,7 @@ class Block(nn.Module):
   ffn_dim: int
 
   @nn.compact
-  def __call__(self, x_BLD, padding_mask_BL, *, deterministic):
+  def __call__(self, x_BLD, padding_mask_BL, *, deterministic, tokens_BL=None):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     causal_11LL = nn.make_causal_mask(jnp.ones(x_BLD.shape[:2]))
@@ -132,7 +132,10 @@ class Block(nn.Module):
     h_BLD = nn.LayerNorm(dtype=dtype, name="ffn_norm")(x_BLD)
     if self.ffn == "moe":
       h_BLD = MoeLayer(cfg.moe, name="moe")(
-        h_BLD, padding_mask_BL, deterministic=deterministic
+        h_BLD,
+        padding_mask_BL,
+        deterministic=deterministic,
+        token_ids_BL=tokens_BL,  # for hash routing
       )
     else:
       h_BLD = MlpBlock(
@@ -179,7 +182,9 @@ class TransformerLM(nn.Module):
         ffn="moe" if moe_here and cfg.moe is not None else "dense",
         ffn_dim=cfg.dense_moe_dim if moe_here else cfg.mlp_dim,
         name=f"layer_{layer:02d}",
-      )(x_BLD, padding_mask_BL, deterministic=deterministic)
+      )(
+        x_BLD, padding_mask_BL, deterministic=deterministic, tokens_BL=tokens_BL
+      )
     x_BLD = nn.LayerNorm(dtype=dtype, name="final_norm")(x_BLD)
     # Tied input/output embedding, scaled so initial logits are O(1).
     logits_BLV = embed.attend(x_BLD.astype(jnp.float32)) / jnp.sqrt(cfg.d_model)
