@@ -318,9 +318,9 @@ def vmoe_importance_loss(
   """
   chex.assert_rank(logits, 3)
   mask_GS = _real_tokens(padding_mask, logits.shape[:2])
-  p_GSE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  importance_GE = _group_sum(p_GSE, mask_GS)
-  return _mean_over_groups(_cv_squared(importance_GE), mask_GS)
+  p_GSE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # clean p
+  importance_GE = _group_sum(p_GSE, mask_GS)  # vmoe: sum over items
+  return _mean_over_groups(_cv_squared(importance_GE), mask_GS)  # Var/Mean^2
 
 
 def vmoe_load_loss(
@@ -351,7 +351,7 @@ def vmoe_load_loss(
   mask_GS = _real_tokens(padding_mask, logits.shape[:2])
   z_GSE = logits.astype(jnp.float32)
   top_values_GSK, _ = jax.lax.top_k(noisy_logits.astype(jnp.float32), top_k)
-  threshold_GS1 = top_values_GSK[..., -1:]
-  q_GSE = 1.0 - _normal_cdf((threshold_GS1 - z_GSE) / noise_std)
-  q_mean_GE = _group_mean(q_GSE, mask_GS)
-  return _mean_over_groups(_cv_squared(q_mean_GE), mask_GS)
+  threshold_GS1 = top_values_GSK[..., -1:]  # vmoe: threshold_per_item
+  q_GSE = 1.0 - _normal_cdf((threshold_GS1 - z_GSE) / noise_std)  # vmoe: p
+  q_mean_GE = _group_mean(q_GSE, mask_GS)  # vmoe: p_mean
+  return _mean_over_groups(_cv_squared(q_mean_GE), mask_GS)  # Var/Mean^2

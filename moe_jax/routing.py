@@ -567,7 +567,7 @@ def expert_choice_route(
     real_GS = padding_mask_GS.astype(bool)
   # A padded token scores -1, below every probability, and is never kept.
   scores_GES = jnp.where(real_GS[:, None, :], probs_GSE.transpose(0, 2, 1), -1)
-  _, token_index_GEC = jax.lax.top_k(scores_GES, capacity)  # TopK(S^T, C)
+  _, token_index_GEC = jax.lax.top_k(scores_GES, capacity)  # Zhou: TopK(S^T)
   # position[g, e, s]: rank of token s in expert e's choice; C if not chosen.
   rank_GEC = jnp.broadcast_to(jnp.arange(capacity), token_index_GEC.shape)
   position_GES = (
@@ -582,7 +582,7 @@ def expert_choice_route(
   position_GSE = position_GES.transpose(0, 2, 1)
   kept_GSE = (position_GSE < capacity) & real_GS[..., None]
   expert_index_GSE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
-  gates_GSE = jnp.where(kept_GSE, probs_GSE, 0.0)  # gate = score where chosen
+  gates_GSE = jnp.where(kept_GSE, probs_GSE, 0.0)  # Zhou 2022: gate = score
   return Routing(expert_index_GSE, gates_GSE, position_GSE, kept_GSE, probs_GSE)
 
 
@@ -665,9 +665,9 @@ def sinkhorn(
 
   def scale(d1_GE):
     row_GS = jnp.einsum("gse,ge->gs", cost_GSE, d1_GE)
-    d0_GS = row_target_G1 / (row_GS + eps)  # rows -> 1/T
+    d0_GS = row_target_G1 / (row_GS + eps)  # Megatron sinkhorn: d0
     col_GE = jnp.einsum("gs,gse->ge", d0_GS, cost_GSE)
-    return d0_GS, (1.0 / E) / (col_GE + eps)  # columns -> 1/E
+    return d0_GS, (1.0 / E) / (col_GE + eps)  # Megatron sinkhorn: d1
 
   def not_done(state):
     i, _, _, error = state
@@ -687,7 +687,7 @@ def sinkhorn(
     jnp.asarray(jnp.inf, jnp.float32),
   )
   _, d0_GS, d1_GE, _ = jax.lax.while_loop(not_done, step, init)
-  return d0_GS[..., None] * cost_GSE * d1_GE[:, None, :]
+  return d0_GS[..., None] * cost_GSE * d1_GE[:, None, :]  # d1 * cost * d0
 
 
 def sinkhorn_route(
@@ -737,7 +737,7 @@ def sinkhorn_route(
     )
   else:
     select_GSE = scores_GSE
-  _, expert_index_GSK = jax.lax.top_k(select_GSE, top_k)
+  _, expert_index_GSK = jax.lax.top_k(select_GSE, top_k)  # Megatron: topk
   gates_GSK = jnp.take_along_axis(scores_GSE, expert_index_GSK, axis=-1)
   return route_choices(
     expert_index_GSK,
