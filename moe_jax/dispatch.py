@@ -82,6 +82,8 @@ def _take_rows(x_XD, index_Y):
 def gather_rows(x_XD, index_Y, copies_XJ):
   """y[i] = x[index[i]] (zero where index[i] is out of range).
 
+  X, Y and J are any sizes: rows of x, entries of the index (which may have
+  several axes; i counts them in row-major order), copies per row of x.
   `copies_XJ[r]` must list every i with index[i] = r (padded with out-of-
   range values); then the gradient dx[r] = sum_j dy[copies[r, j]] is a
   gather and a sum over J in a fixed order, where autodiff of a plain gather
@@ -96,6 +98,7 @@ def _gather_rows_forward(x_XD, index_Y, copies_XJ):
 
 
 def _gather_rows_backward(copies_XJ, dy_YD):
+  dy_YD = dy_YD.reshape(-1, dy_YD.shape[-1])
   dx_XD = jnp.sum(_take_rows(dy_YD, copies_XJ), axis=1)
   return dx_XD, None, None
 
@@ -137,8 +140,8 @@ def index_dispatch(
   G, S, D = x_GSD.shape
   slot_GSK = _slot_index_GSK(routing, num_experts, capacity)
   # The token (flat g*S + s) in each slot; G*S (a zero row) if empty.
-  token_X = _inverse(slot_GSK.reshape(-1), num_experts * G * capacity)
-  token_X = token_X // slot_GSK.shape[-1]
+  pair_X = _inverse(slot_GSK.reshape(-1), num_experts * G * capacity)
+  token_X = pair_X // slot_GSK.shape[-1]
   x_XD = gather_rows(
     x_GSD.reshape(G * S, D), token_X, slot_GSK.reshape(G * S, -1)
   )
@@ -152,15 +155,14 @@ def index_combine(
   chex.assert_rank(y_EGCD, 4)
   E, G, C, D = y_EGCD.shape
   chex.assert_equal((E, C), (num_experts, capacity))
-  slot_P = _slot_index_GSK(routing, num_experts, capacity).reshape(-1)
-  pair_X1 = _inverse(slot_P, E * G * C)[:, None]
-  y_PD = gather_rows(y_EGCD.reshape(E * G * C, D), slot_P, pair_X1)
-  return _weighted_sum_over_choices(y_PD, routing.gates_GSK)
+  slot_GSK = _slot_index_GSK(routing, num_experts, capacity)
+  pair_X1 = _inverse(slot_GSK.reshape(-1), E * G * C)[:, None]
+  y_GSKD = gather_rows(y_EGCD.reshape(E * G * C, D), slot_GSK, pair_X1)
+  return _weighted_sum_over_choices(y_GSKD, routing.gates_GSK)
 
 
-def _weighted_sum_over_choices(y_PD, gates_GSK):
-  """y_GSD[g, s] = sum_k gates[g, s, k] y[(g, s, k)], k in a fixed order."""
-  y_GSKD = y_PD.reshape(*gates_GSK.shape, -1)
+def _weighted_sum_over_choices(y_GSKD, gates_GSK):
+  """y_GSD[g, s] = sum_k gates[g, s, k] y[g, s, k], k in a fixed order."""
   gates_GSK = gates_GSK.astype(y_GSKD.dtype)
   return jnp.sum(y_GSKD * gates_GSK[..., None], axis=2)
 
@@ -216,9 +218,8 @@ def dropless_combine(
 ) -> jax.Array:
   """y_GSD[g, s] = sum_k gates[g, s, k] y_ND[row of (g, s, k)]."""
   chex.assert_rank(y_ND, 2)
-  row_P = sorted_.row_GSK.reshape(-1)
-  y_PD = gather_rows(y_ND, row_P, sorted_.pair_N[:, None])
-  return _weighted_sum_over_choices(y_PD, routing.gates_GSK)
+  y_GSKD = gather_rows(y_ND, sorted_.row_GSK, sorted_.pair_N[:, None])
+  return _weighted_sum_over_choices(y_GSKD, routing.gates_GSK)
 
 
 # ---------------------------------------------------------------------------
