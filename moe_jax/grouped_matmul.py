@@ -1,9 +1,9 @@
 """Grouped matrix multiplication: the expert FFNs of a dropless MoE layer.
 
 Shapes (see `moe_jax.shapes`): rows `[N, D]` sorted by expert, weights
-`[E, D, F]`, group sizes `[E]`, row tiles `[I]`. D and F stand for whatever
-the matmul contracts and produces (D -> F for the first layer, F -> D for
-the second).
+`[E, D, F]`, group sizes `[E]`, one tile of rows `[T, D]`. D and F stand
+for whatever the matmul contracts and produces (D -> F for the first layer,
+F -> D for the second).
 
 out[n] = lhs[n] @ rhs[e(n)], where rows group_starts[e] .. group_ends[e] - 1
 belong to expert e (group_ends = cumsum(group_sizes)); rows past
@@ -15,20 +15,20 @@ dropless MoE layers. Two implementations give the same result:
   grouped kernel. The CPU lowering builds a dense `[E, N, D]` masked copy of
   the rows and contracts it with every expert, so it costs E times the dense
   work: fine on an accelerator, slow on a CPU.
-- "tiles": the rows are cut into tiles of `tile_size` rows that never mix
-  experts (each expert's last tile runs past its group end), and one
-  `fori_loop` runs exactly the tiles in use, each a `[tile, D] @ [D, F]`
-  matmul with its expert's weights. The work is the useful work plus at most
-  `tile_size - 1` rows per expert, whatever E; no Python loop over experts.
-  The backward pass is the same loop: d lhs = grouped_matmul(d out, rhs^T),
-  and d rhs[e] = sum over e's tiles of lhs_tile^T d out_tile, accumulated in
-  float32 in tile order (deterministic).
+- "tiles": a `fori_loop` over the experts reads each expert's weights once
+  and runs a `[t, D] @ [D, F]` matmul per tile of its rows: full tiles of
+  T = `tile_size` rows, then the rest rounded up to a multiple of 8 as at
+  most one tile each of T/2, T/4, ..., 8 rows. The work is the useful work
+  plus at most 7 rows per expert, whatever E and the routing; no Python
+  loop over experts, and no dense `[E, ...]` intermediate. The backward
+  pass walks the same tiles: d lhs = grouped_matmul(d out, rhs^T), and
+  d rhs[e] = sum over e's tiles of lhs_tile^T d out_tile, accumulated in
+  float32 in row order (deterministic).
 
 `implementation="auto"` picks "ragged_dot" on GPU and TPU and "tiles" on CPU.
 """
 
 import functools
-from typing import NamedTuple
 
 import chex
 import jax
@@ -53,115 +53,137 @@ def resolve_implementation(implementation: str) -> str:
 
 
 def default_tile_size(num_rows: int, num_experts: int) -> int:
-  """Rows per tile: a power of two near 1/8 of the mean group size, in
-  [8, 128].
-
-  Each expert's last tile is on average half empty, so the padded work is
-  about E * tile / 2 rows, here about 1/16 of the N rows; 128 rows already
-  keep a CPU matmul efficient, and below 8 the loop overhead dominates.
-  """
-  target = max(num_rows // (8 * max(num_experts, 1)), 1)
-  return int(min(max(1 << (target.bit_length() - 1), 8), 128))
+  """Rows per full tile: the power of two at or below the mean group size
+  N / E, in [8, 128]. 128 rows keep a CPU matmul near its dense speed;
+  smaller groups are covered by their own smaller tiles anyway."""
+  mean = max(num_rows // max(num_experts, 1), 1)
+  return int(min(max(1 << (mean.bit_length() - 1), MIN_TILE), 128))
 
 
-class TileSchedule(NamedTuple):
-  """Which rows each tile covers, for tiles i < num_tiles (the rest unused).
-
-  Attributes:
-    expert_I: int32, the expert whose weights tile i uses.
-    start_I: int32, the tile's first row.
-    end_I: int32, one past the last row of the tile's expert.
-    num_tiles: int32 scalar, the tiles in use, sum_e ceil(n_e / tile).
-    num_grouped: int32 scalar, the rows in some group, sum_e n_e.
-  """
-
-  expert_I: jax.Array
-  start_I: jax.Array
-  end_I: jax.Array
-  num_tiles: jax.Array
-  num_grouped: jax.Array
+MIN_TILE = 8  # rows of the smallest tile (or tile_size, if smaller)
 
 
-def tile_schedule(group_sizes_E, num_rows: int, tile_size: int) -> TileSchedule:
-  """Cuts each expert's rows into tiles; a static I = ceil(N / tile) + E
-  tiles bounds sum_e ceil(n_e / tile) for any group sizes summing to <= N."""
-  chex.assert_rank(group_sizes_E, 1)
-  E = group_sizes_E.shape[0]
-  group_sizes_E = group_sizes_E.astype(jnp.int32)
-  tiles_E = (group_sizes_E + tile_size - 1) // tile_size
-  tile_end_E = jnp.cumsum(tiles_E)
-  group_end_E = jnp.cumsum(group_sizes_E)
-  num_tiles_max = -(-num_rows // tile_size) + E
-  tile_I = jnp.arange(num_tiles_max, dtype=jnp.int32)
-  # Tile i belongs to the first expert whose tiles end after i.
-  expert_I = jnp.searchsorted(tile_end_E, tile_I, side="right")
-  expert_I = jnp.minimum(expert_I, E - 1).astype(jnp.int32)
-  first_tile_I = tile_end_E[expert_I] - tiles_E[expert_I]
-  group_start_I = group_end_E[expert_I] - group_sizes_E[expert_I]
-  start_I = group_start_I + (tile_I - first_tile_I) * tile_size
-  return TileSchedule(
-    expert_I, start_I, group_end_E[expert_I], tile_end_E[-1], group_end_E[-1]
+def _tile_sizes(tile_size: int) -> list[int]:
+  """[T, T/2, ..., m]: the tile sizes, m = min(MIN_TILE, T)."""
+  if tile_size < 1 or tile_size & (tile_size - 1):
+    raise ValueError(f"tile_size={tile_size} must be a power of two >= 1.")
+  sizes = [tile_size]
+  while sizes[-1] > MIN_TILE:
+    sizes.append(sizes[-1] // 2)
+  return sizes
+
+
+def computed_rows(group_sizes_E: jax.Array, tile_size: int) -> jax.Array:
+  """Rows the tiles compute per expert: n_e rounded up to a multiple of m,
+  so at most m - 1 rows more than n_e (m = min(MIN_TILE, T))."""
+  m = _tile_sizes(tile_size)[-1]
+  return (group_sizes_E + m - 1) // m * m
+
+
+def _visit_tiles(start, size, tile_size, visit, carry):
+  """Runs carry = visit(carry, row, tile) over one group's rows
+  start .. start + size - 1, in row order: floor(size / T) full tiles of T
+  rows, then the rest rounded up to a multiple of m, as at most one tile of
+  each size T, T/2, ..., m (its binary digits; T only if the rounding
+  reaches it). The last tile may
+  run up to m - 1 rows past the group."""
+  sizes = _tile_sizes(tile_size)
+  full = size // tile_size
+  carry = lax.fori_loop(
+    0, full, lambda j, c: visit(c, start + j * tile_size, tile_size), carry
   )
+  row = start + full * tile_size
+  rest = computed_rows(size - full * tile_size, tile_size)  # <= T
+  for tile in sizes:
+    take = rest >= tile
+    carry = lax.cond(
+      take, lambda c, r=row, t=tile: visit(c, r, t), lambda c: c, carry
+    )
+    row = row + jnp.where(take, tile, 0)
+    rest = rest - jnp.where(take, tile, 0)
+  return carry
 
 
-def _tiles_matmul(lhs_ND, rhs_EDF, schedule, tile_size, transpose_rhs):
-  """out[n] = lhs[n] @ rhs[e(n)] (or @ rhs[e(n)]^T), tile by tile.
+def _group_bounds(group_sizes_E):
+  group_sizes_E = group_sizes_E.astype(jnp.int32)
+  return jnp.cumsum(group_sizes_E) - group_sizes_E, group_sizes_E
 
-  A tile may run past its expert's rows into the next expert's; those rows
-  get values computed with the wrong weights, but the tiles run in row order
-  and the next expert's own tiles overwrite them. Rows past the last group
-  are set to zero at the end.
+
+def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
+  """out[n] = lhs[n] @ rhs[e(n)] (or @ rhs[e(n)]^T), expert by expert,
+  tile by tile; each expert's weights are read once.
+
+  A group's last tile may run past its rows into the next group's; those
+  rows get values computed with the wrong weights, but the groups run in
+  row order and the next group's own tiles overwrite them; the rows the
+  last group spills into are zeroed at the end.
   """
   N, D = lhs_ND.shape
+  E = rhs_EDF.shape[0]
   F = rhs_EDF.shape[1] if transpose_rhs else rhs_EDF.shape[2]
   contract = (1,) if transpose_rhs else (0,)
+  start_E, size_E = _group_bounds(group_sizes_E)
   # T spare zero rows, so that a tile starting at row N - 1 fits.
   lhs_ND = jnp.pad(lhs_ND, ((0, tile_size), (0, 0)))
 
-  def run_tile(i, out_NF):
-    rows_TD = lax.dynamic_slice_in_dim(lhs_ND, schedule.start_I[i], tile_size)
-    w_DF = rhs_EDF[schedule.expert_I[i]]
-    out_TF = lax.dot_general(rows_TD, w_DF, (((1,), contract), ((), ())))
-    return lax.dynamic_update_slice_in_dim(
-      out_NF, out_TF.astype(out_NF.dtype), schedule.start_I[i], 0
-    )
+  def run_expert(e, out_NF):
+    w_DF = rhs_EDF[e]
+
+    def run_tile(out_NF, row, tile):
+      rows_TD = lax.dynamic_slice_in_dim(lhs_ND, row, tile)
+      out_TF = lax.dot_general(rows_TD, w_DF, (((1,), contract), ((), ())))
+      return lax.dynamic_update_slice_in_dim(
+        out_NF, out_TF.astype(out_NF.dtype), row, 0
+      )
+
+    return _visit_tiles(start_E[e], size_E[e], tile_size, run_tile, out_NF)
+
+  def run_nonempty(e, out_NF):
+    return lax.cond(size_E[e] > 0, run_expert, lambda e, o: o, e, out_NF)
 
   out_NF = jnp.zeros((N + tile_size, F), lhs_ND.dtype)
-  out_NF = lax.fori_loop(0, schedule.num_tiles, run_tile, out_NF)[:N]
-  in_group_N = jnp.arange(N) < schedule.num_grouped
-  return jnp.where(in_group_N[:, None], out_NF, 0)
+  out_NF = lax.fori_loop(0, E, run_nonempty, out_NF)
+  # Only the last group's last tile can write past the groups (< m rows).
+  spill_MF = jnp.zeros((_tile_sizes(tile_size)[-1], F), out_NF.dtype)
+  out_NF = lax.dynamic_update_slice_in_dim(out_NF, spill_MF, jnp.sum(size_E), 0)
+  return out_NF[:N]
 
 
-def _tiles_weight_gradient(lhs_ND, dout_NF, schedule, num_experts, tile_size):
+def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
   """d rhs[e] = sum_{n in group e} lhs[n]^T dout[n], in float32, tile by
   tile in row order (deterministic); rows past the group end are masked."""
   N, D = lhs_ND.shape
   F = dout_NF.shape[1]
+  E = group_sizes_E.shape[0]
+  start_E, size_E = _group_bounds(group_sizes_E)
   lhs_ND = jnp.pad(lhs_ND, ((0, tile_size), (0, 0)))
   dout_NF = jnp.pad(dout_NF, ((0, tile_size), (0, 0)))
 
-  def run_tile(i, drhs_EDF):
-    start = schedule.start_I[i]
-    in_group_T = start + jnp.arange(tile_size) < schedule.end_I[i]
-    rows_TD = lax.dynamic_slice_in_dim(lhs_ND, start, tile_size)
-    rows_TD = jnp.where(in_group_T[:, None], rows_TD, 0)
-    dout_TF = lax.dynamic_slice_in_dim(dout_NF, start, tile_size)
-    drhs_DF = lax.dot_general(
-      rows_TD,
-      dout_TF,
-      (((0,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32,
-    )
-    return drhs_EDF.at[schedule.expert_I[i]].add(drhs_DF)
+  def run_expert(e, drhs_EDF):
+    end = start_E[e] + size_E[e]
 
-  drhs_EDF = jnp.zeros((num_experts, D, F), jnp.float32)
-  return lax.fori_loop(0, schedule.num_tiles, run_tile, drhs_EDF)
+    def run_tile(drhs_EDF, row, tile):
+      in_group_T = row + jnp.arange(tile) < end
+      rows_TD = lax.dynamic_slice_in_dim(lhs_ND, row, tile)
+      rows_TD = jnp.where(in_group_T[:, None], rows_TD, 0)
+      dout_TF = lax.dynamic_slice_in_dim(dout_NF, row, tile)
+      drhs_DF = lax.dot_general(
+        rows_TD,
+        dout_TF,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+      )
+      return drhs_EDF.at[e].add(drhs_DF)
+
+    return _visit_tiles(start_E[e], size_E[e], tile_size, run_tile, drhs_EDF)
+
+  drhs_EDF = jnp.zeros((E, D, F), jnp.float32)
+  return lax.fori_loop(0, E, run_expert, drhs_EDF)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tiles_grouped_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size):
-  schedule = tile_schedule(group_sizes_E, lhs_ND.shape[0], tile_size)
-  return _tiles_matmul(lhs_ND, rhs_EDF, schedule, tile_size, False)
+  return _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, False)
 
 
 def _tiles_forward(lhs_ND, rhs_EDF, group_sizes_E, tile_size):
@@ -171,12 +193,9 @@ def _tiles_forward(lhs_ND, rhs_EDF, group_sizes_E, tile_size):
 
 def _tiles_backward(tile_size, residuals, dout_NF):
   lhs_ND, rhs_EDF, group_sizes_E = residuals
-  schedule = tile_schedule(group_sizes_E, lhs_ND.shape[0], tile_size)
   dout_NF = dout_NF.astype(lhs_ND.dtype)
-  dlhs_ND = _tiles_matmul(dout_NF, rhs_EDF, schedule, tile_size, True)
-  drhs_EDF = _tiles_weight_gradient(
-    lhs_ND, dout_NF, schedule, rhs_EDF.shape[0], tile_size
-  )
+  dlhs_ND = _tiles_matmul(dout_NF, rhs_EDF, group_sizes_E, tile_size, True)
+  drhs_EDF = _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size)
   return dlhs_ND, drhs_EDF.astype(rhs_EDF.dtype), None
 
 
@@ -222,6 +241,5 @@ def grouped_matmul(
     return out_NF.astype(lhs_ND.dtype)
   if tile_size is None:
     tile_size = default_tile_size(lhs_ND.shape[0], rhs_EDF.shape[0])
-  if tile_size < 1:
-    raise ValueError(f"tile_size={tile_size} must be a positive integer.")
+  _tile_sizes(tile_size)  # checks it
   return _tiles_grouped_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size)

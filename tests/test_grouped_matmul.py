@@ -14,17 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax import grouped_matmul as grouped_matmul_lib
 from moe_jax.grouped_matmul import (
+  computed_rows,
   default_tile_size,
   grouped_matmul,
   resolve_implementation,
-  tile_schedule,
 )
 
 N, D, F = 12, 3, 5
-# (E, tile size) pairs; each compiles once. Tile 1 is a row loop, tile 16 is
-# larger than N, tile 5 does not divide N.
-CONFIGS = ((1, 4), (4, 1), (4, 5), (5, 16))
+# (E, tile size) pairs; each compiles once. Tile 1 is a row loop; tiles 16
+# and 32 exceed N = 12, so groups are covered by their tail tiles (16, 8).
+CONFIGS = ((1, 4), (4, 1), (4, 2), (5, 16), (2, 32))
 
 
 @functools.cache
@@ -110,21 +111,41 @@ def test_tiles_and_ragged_dot_agree(case):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_tile_schedule_by_hand():
-  """Group sizes [3, 0, 7, 2] with tiles of 4 rows (N = 12):
-  ceil(3/4) + 0 + ceil(7/4) + ceil(2/4) = 1 + 0 + 2 + 1 = 4 tiles:
-    tile 0: expert 0, rows 0..3  (rows 3 belongs to expert 2: overwritten)
-    tile 1: expert 2, rows 3..6
-    tile 2: expert 2, rows 7..10 (row 10 belongs to expert 3: overwritten)
-    tile 3: expert 3, rows 10..13 (rows 12, 13 are the zero padding)
-  At most ceil(12 / 4) + 4 = 7 tiles for any sizes summing to <= 12."""
-  schedule = tile_schedule(jnp.array([3, 0, 7, 2]), 12, 4)
-  assert int(schedule.num_tiles) == 4
-  assert int(schedule.num_grouped) == 12
-  assert schedule.expert_I.shape == (7,)
-  np.testing.assert_array_equal(schedule.expert_I[:4], [0, 2, 2, 3])
-  np.testing.assert_array_equal(schedule.start_I[:4], [0, 3, 7, 10])
-  np.testing.assert_array_equal(schedule.end_I[:4], [3, 10, 10, 12])
+def _visited_tiles(start, size, tile_size):
+  """(row, rows) of each tile `_visit_tiles` runs over one group."""
+
+  def visit(carry, row, tile):
+    rows_V, tiles_V, count = carry
+    return rows_V.at[count].set(row), tiles_V.at[count].set(tile), count + 1
+
+  empty = jnp.zeros(8, jnp.int32)
+  rows_V, tiles_V, count = jax.jit(
+    functools.partial(
+      grouped_matmul_lib._visit_tiles,
+      tile_size=tile_size,
+      visit=visit,
+      carry=(empty, empty, 0),
+    )
+  )(start, size)
+  return list(zip(rows_V[:count].tolist(), tiles_V[:count].tolist()))
+
+
+def test_tiles_of_one_group_by_hand():
+  """floor(n / T) full tiles, then the rest rounded up to a multiple of
+  m = 8 as binary digits, largest first:
+    n = 45, T = 16: 2 full (rows 3, 19); rest 13 -> 16 = one tile of 16.
+    n = 45, T = 32: 1 full (row 3); rest 13 -> 16: a tile of 16 at row 35.
+    n = 21, T = 32: no full tile; rest 21 -> 24 = 16 + 8.
+    n = 0: no tile. n = 5, T = 4 (m = 4): one full tile, rest 1 -> 4."""
+  assert _visited_tiles(3, 45, 16) == [(3, 16), (19, 16), (35, 16)]
+  assert _visited_tiles(3, 45, 32) == [(3, 32), (35, 16)]
+  assert _visited_tiles(0, 21, 32) == [(0, 16), (16, 8)]
+  assert _visited_tiles(7, 0, 32) == []
+  assert _visited_tiles(1, 5, 4) == [(1, 4), (5, 4)]
+  # At most m - 1 = 7 rows computed beyond each group, whatever T and E.
+  np.testing.assert_array_equal(
+    computed_rows(jnp.array([45, 21, 0, 8]), 32), [48, 24, 0, 8]
+  )
 
 
 def test_bit_deterministic():
@@ -159,11 +180,11 @@ def test_bfloat16_rows_give_bfloat16_output():
 
 
 def test_default_tile_size():
-  """About 1/8 of the mean group size, a power of two in [8, 128]."""
-  assert default_tile_size(4096, 8) == 64  # 4096 / 64 = 64
-  assert default_tile_size(65536, 8) == 128  # capped
-  assert default_tile_size(4096, 128) == 8  # 4096 / 1024 = 4, floor 8
-  assert default_tile_size(3000, 4) == 64  # 3000 / 32 = 93 -> 64
+  """The power of two at or below the mean group size N / E, in [8, 128]."""
+  assert default_tile_size(4096, 8) == 128  # 512, capped
+  assert default_tile_size(4096, 128) == 32  # 32
+  assert default_tile_size(3000, 64) == 32  # 46 -> 32
+  assert default_tile_size(100, 32) == 8  # 3, raised to 8
 
 
 def test_auto_implementation_follows_backend():
@@ -176,7 +197,8 @@ def test_auto_implementation_follows_backend():
   "kwargs,message",
   [
     (dict(implementation="megablocks"), "grouped_matmul='megablocks'"),
-    (dict(tile_size=0), "tile_size=0"),
+    (dict(tile_size=0), "tile_size=0 must be a power of two"),
+    (dict(tile_size=12), "tile_size=12 must be a power of two"),
   ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
