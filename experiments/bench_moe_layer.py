@@ -217,9 +217,9 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--tokens", type=_ints, default=[4096, 16384])
-  parser.add_argument("--experts", type=_ints, default=[8, 32, 128])
-  parser.add_argument("--top_k", type=_ints, default=[1, 2])
+  parser.add_argument("--tokens", type=_ints, help="default 4096,16384")
+  parser.add_argument("--experts", type=_ints, help="default 8,32,128")
+  parser.add_argument("--top_k", type=_ints, help="default 1,2")
   parser.add_argument("--d_model", type=int, default=256)
   parser.add_argument("--expert_dim", type=int, default=512)
   parser.add_argument("--group_size", type=int, default=1024)
@@ -235,13 +235,19 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--json", default="", help="where to write results")
   parser.add_argument(
-    "--quick", action="store_true", help="tiny sizes, for a smoke test"
+    "--quick",
+    action="store_true",
+    help="tiny sizes (T 512, D 32, F 64, S 256, E 4,8), two rounds",
   )
   args = parser.parse_args(argv)
+  grid = dict(tokens=[4096, 16384], experts=[8, 32, 128], top_k=[1, 2])
   if args.quick:
-    args.tokens, args.experts, args.top_k = [512], [4, 8], [1, 2]
+    grid.update(tokens=[512], experts=[4, 8])
     args.d_model, args.expert_dim, args.group_size = 32, 64, 256
     args.rounds = 2
+  for name, default in grid.items():
+    if getattr(args, name) is None:
+      setattr(args, name, default)
   for tokens in args.tokens:
     if tokens % SEQUENCE or tokens % min(args.group_size, tokens):
       raise ValueError(

@@ -78,6 +78,10 @@ def variant_configs(args) -> dict:
   base.model.dtype = args.dtype
   if args.num_experts:
     base.model.moe.num_experts = args.num_experts
+  if args.quick:  # a tiny model, for a smoke test
+    base.model.d_model, base.model.num_layers = 16, 2
+    base.model.num_heads, base.model.mlp_dim = 2, 32
+    base.model.moe.expert_dim, base.model.moe.group_size = 32, 32
   configs = {}
   dense = base.copy_and_resolve_references()
   dense.model.moe.num_experts = 0

@@ -39,8 +39,8 @@ IMPLEMENTATIONS = ("auto", "tiles", "ragged_dot")
 
 
 def resolve_implementation(implementation: str) -> str:
-  """ "auto" -> "ragged_dot" where the backend has a native kernel, else
-  "tiles"; any other allowed name is returned unchanged."""
+  """Maps "auto" to "ragged_dot" where the backend has a native kernel
+  (GPU, TPU) and to "tiles" elsewhere; other allowed names pass through."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"unknown grouped_matmul={implementation!r}; allowed: "
@@ -85,8 +85,7 @@ def _visit_tiles(start, size, tile_size, visit, carry):
   start .. start + size - 1, in row order: floor(size / T) full tiles of T
   rows, then the rest rounded up to a multiple of m, as at most one tile of
   each size T, T/2, ..., m (its binary digits; T only if the rounding
-  reaches it). The last tile may
-  run up to m - 1 rows past the group."""
+  reaches it). The last tile may run up to m - 1 rows past the group."""
   sizes = _tile_sizes(tile_size)
   full = size // tile_size
   carry = lax.fori_loop(
@@ -144,14 +143,15 @@ def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
   out_NF = jnp.zeros((N + tile_size, F), lhs_ND.dtype)
   out_NF = lax.fori_loop(0, E, run_nonempty, out_NF)
   # Only the last group's last tile can write past the groups (< m rows).
-  spill_MF = jnp.zeros((_tile_sizes(tile_size)[-1], F), out_NF.dtype)
-  out_NF = lax.dynamic_update_slice_in_dim(out_NF, spill_MF, jnp.sum(size_E), 0)
+  spill_TF = jnp.zeros((_tile_sizes(tile_size)[-1], F), out_NF.dtype)
+  out_NF = lax.dynamic_update_slice_in_dim(out_NF, spill_TF, jnp.sum(size_E), 0)
   return out_NF[:N]
 
 
 def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
   """d rhs[e] = sum_{n in group e} lhs[n]^T dout[n], in float32, tile by
-  tile in row order (deterministic); rows past the group end are masked."""
+  tile in row order (deterministic). Rows past the group end are zeroed in
+  both operands, so even a non-finite neighbour contributes exactly 0."""
   N, D = lhs_ND.shape
   F = dout_NF.shape[1]
   E = group_sizes_E.shape[0]
@@ -167,6 +167,7 @@ def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
       rows_TD = lax.dynamic_slice_in_dim(lhs_ND, row, tile)
       rows_TD = jnp.where(in_group_T[:, None], rows_TD, 0)
       dout_TF = lax.dynamic_slice_in_dim(dout_NF, row, tile)
+      dout_TF = jnp.where(in_group_T[:, None], dout_TF, 0)
       drhs_DF = lax.dot_general(
         rows_TD,
         dout_TF,

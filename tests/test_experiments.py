@@ -1,4 +1,5 @@
-"""Tests of the scripts in experiments/ on hand-made run directories."""
+"""Tests of the scripts in experiments/: compare_runs on hand-made run
+directories, and the benchmarks run once at their smallest sizes."""
 
 import json
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import bench_moe_layer  # noqa: E402
+import bench_train_step  # noqa: E402
 import compare_runs  # noqa: E402
 
 
@@ -64,3 +67,36 @@ def test_command_line_prints_a_table(tmp_path):
   assert "| moe | switch | 8/1 | 30 | 1.500 | 0.500 |" in out
   assert "| dense | dense | - |" in out
   assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_moe_layer_smoke(tmp_path, capsys):
+  """One tiny cell of the grid: every variant is timed, has a memory figure
+  and a ratio to the dense FFN; dropless drops nothing."""
+  out = tmp_path / "layer.json"
+  bench_moe_layer.main(
+    [
+      "--quick",
+      "--experts=4",
+      "--top_k=2",
+      "--backends=indices,dropless",
+      f"--json={out}",
+    ]
+  )
+  records = json.loads(out.read_text())["records"]
+  assert [r["variant"] for r in records] == ["dense", "indices", "dropless"]
+  for r in records:
+    assert r["seconds"] > 0 and r["temp_bytes"] > 0
+  assert records[0]["vs_dense"] == 1.0
+  assert records[2]["dropped"] == 0.0
+  assert "| 512 | 4 | 2 | dropless |" in capsys.readouterr().out
+
+
+def test_bench_train_step_smoke(tmp_path):
+  """A tiny MoE LM and its dense twin each take training steps."""
+  out = tmp_path / "train.json"
+  bench_train_step.main(["--quick", "--backends=dropless", f"--json={out}"])
+  records = json.loads(out.read_text())["records"]
+  dense, dropless = records
+  assert (dense["variant"], dropless["variant"]) == ("dense", "dropless")
+  assert dropless["tokens_per_second"] > 0
+  assert dropless["parameters"] > dense["parameters"]
