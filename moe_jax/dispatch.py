@@ -13,8 +13,8 @@ Three backends give the same result from the same `routing.Routing`:
 - indices: copy each kept (token, choice) pair's token into its slot
   (e, g, position) of the expert buffers and read it back. Memory
   O(G*S*K*D) besides the buffers; no `[.., E, C]` one-hots.
-- dropless: sort the kept pairs by expert (MegaBlocks, Gale et al. 2023
-  §5.1; "dropless" in MaxText and Megatron-LM) into rows `[N, D]` for a
+- dropless: sort the kept pairs by expert (MegaBlocks, Gale et al.
+  2023; "dropless" in MaxText and Megatron-LM) into rows `[N, D]` for a
   grouped matmul (`moe_jax.grouped_matmul`), and read them back. No
   capacity and no buffers: with a routing of capacity S nothing is dropped.
 

@@ -8,7 +8,7 @@ F -> D for the second).
 out[n] = lhs[n] @ rhs[e(n)], where rows group_starts[e] .. group_ends[e] - 1
 belong to expert e (group_ends = cumsum(group_sizes)); rows past
 sum(group_sizes) get 0. This is `jax.lax.ragged_dot`, the grouped GEMM of
-MegaBlocks (Gale et al. 2023, §5) and of MaxText's and Megatron-LM's
+MegaBlocks (Gale et al. 2023) and of MaxText's and Megatron-LM's
 dropless MoE layers. Two implementations give the same result:
 
 - "ragged_dot": `jax.lax.ragged_dot`. GPUs and TPUs lower it to a native
@@ -110,7 +110,9 @@ def _group_bounds(group_sizes_E):
 
 def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
   """out[n] = lhs[n] @ rhs[e(n)] (or @ rhs[e(n)]^T), expert by expert,
-  tile by tile; each expert's weights are read once.
+  tile by tile; each expert's weights are read once. The matmuls run in
+  float32 whatever the dtype: XLA's CPU bfloat16 matmuls are slower than its
+  float32 ones, most of all on small tiles; the output is cast back.
 
   A group's last tile may run past its rows into the next group's; those
   rows get values computed with the wrong weights, but the groups run in
@@ -126,11 +128,13 @@ def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
   lhs_ND = jnp.pad(lhs_ND, ((0, tile_size), (0, 0)))
 
   def run_expert(e, out_NF):
-    w_DF = rhs_EDF[e]
+    w_DF = rhs_EDF[e].astype(jnp.float32)
 
     def run_tile(out_NF, row, tile):
       rows_TD = lax.dynamic_slice_in_dim(lhs_ND, row, tile)
-      out_TF = lax.dot_general(rows_TD, w_DF, (((1,), contract), ((), ())))
+      out_TF = lax.dot_general(
+        rows_TD.astype(jnp.float32), w_DF, (((1,), contract), ((), ()))
+      )
       return lax.dynamic_update_slice_in_dim(
         out_NF, out_TF.astype(out_NF.dtype), row, 0
       )
@@ -169,10 +173,9 @@ def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
       dout_TF = lax.dynamic_slice_in_dim(dout_NF, row, tile)
       dout_TF = jnp.where(in_group_T[:, None], dout_TF, 0)
       drhs_DF = lax.dot_general(
-        rows_TD,
-        dout_TF,
+        rows_TD.astype(jnp.float32),
+        dout_TF.astype(jnp.float32),
         (((0,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32,
       )
       return drhs_EDF.at[e].add(drhs_DF)
 

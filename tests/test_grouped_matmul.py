@@ -1,7 +1,7 @@
 """Tests for `moe_jax.grouped_matmul` against a float64 NumPy loop.
 
 out[n] = lhs[n] @ rhs[e(n)] for the rows n of group e (MegaBlocks, Gale et
-al. 2023 §5; `jax.lax.ragged_dot`), 0 past the last group. Its gradients:
+al. 2023; `jax.lax.ragged_dot`), 0 past the last group. Its gradients:
 d lhs[n] = d out[n] @ rhs[e(n)]^T and d rhs[e] = sum_{n in e} lhs[n]^T d out[n].
 """
 
