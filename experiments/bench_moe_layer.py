@@ -167,6 +167,44 @@ def markdown_rows(records) -> str:
   return "\n".join(rows)
 
 
+def pivot(records) -> str:
+  """One row per (T, E, K): the dense time, each backend's ratio to it,
+  the useful GFLOP/s and temp MB of each, and the drops by capacity."""
+  cells = {}
+  for r in records:
+    cells.setdefault((r["tokens"], r["num_experts"], r["top_k"]), {})[
+      r["variant"]
+    ] = r
+  names = [n for n in next(iter(cells.values())) if n != "dense"]
+  header = (
+    "| T | E | K | dense ms | "
+    + " | ".join(f"{n} x dense" for n in names)
+    + " | GFLOP/s "
+    + "/".join(names)
+    + " | temp MB dense/"
+    + "/".join(names)
+    + " | dropped by capacity |"
+  )
+  rows = [header, "|" + "---|" * (header.count("|") - 1)]
+  for (tokens, num_experts, top_k), by_name in cells.items():
+    dropped = [
+      by_name[n]["dropped"] for n in names if by_name[n]["dropped"] is not None
+    ]
+    rows.append(
+      f"| {tokens} | {num_experts} | {top_k} "
+      f"| {by_name['dense']['seconds'] * 1e3:.0f} | "
+      + " | ".join(f"{by_name[n]['vs_dense']:.2f}" for n in names)
+      + " | "
+      + "/".join(f"{by_name[n]['useful_gflops']:.0f}" for n in names)
+      + " | "
+      + "/".join(
+        f"{by_name[n]['temp_bytes'] / 2**20:.0f}" for n in ["dense", *names]
+      )
+      + f" | {max(dropped, default=0):.1%} |"
+    )
+  return "\n".join(rows)
+
+
 def summary(records) -> str:
   """The issue's targets, from the measured records. The E scaling compares
   ratios to dense (each measured in its own rounds), so that a change of
@@ -270,7 +308,7 @@ def main(argv=None):
   )
   print(HEADER, flush=True)
   records = run(args)
-  print("\n" + summary(records))
+  print("\n" + pivot(records) + "\n\n" + summary(records))
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     out = dict(environment=env, arguments=vars(args), records=records)
