@@ -110,9 +110,10 @@ def _group_bounds(group_sizes_E):
 
 def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
   """out[n] = lhs[n] @ rhs[e(n)] (or @ rhs[e(n)]^T), expert by expert,
-  tile by tile; each expert's weights are read once. The matmuls run in
-  float32 whatever the dtype: XLA's CPU bfloat16 matmuls are slower than its
-  float32 ones, most of all on small tiles; the output is cast back.
+  tile by tile; each expert's weights are read once. Rows, weights and the
+  loop's buffers are float32 whatever the dtype (XLA's CPU bfloat16 matmuls
+  and buffer updates are slower than float32 ones, most of all on small
+  tiles); the output is cast back.
 
   A group's last tile may run past its rows into the next group's; those
   rows get values computed with the wrong weights, but the groups run in
@@ -124,32 +125,29 @@ def _tiles_matmul(lhs_ND, rhs_EDF, group_sizes_E, tile_size, transpose_rhs):
   F = rhs_EDF.shape[1] if transpose_rhs else rhs_EDF.shape[2]
   contract = (1,) if transpose_rhs else (0,)
   start_E, size_E = _group_bounds(group_sizes_E)
+  dtype = lhs_ND.dtype
   # T spare zero rows, so that a tile starting at row N - 1 fits.
-  lhs_ND = jnp.pad(lhs_ND, ((0, tile_size), (0, 0)))
+  lhs_ND = jnp.pad(lhs_ND.astype(jnp.float32), ((0, tile_size), (0, 0)))
 
   def run_expert(e, out_NF):
     w_DF = rhs_EDF[e].astype(jnp.float32)
 
     def run_tile(out_NF, row, tile):
       rows_TD = lax.dynamic_slice_in_dim(lhs_ND, row, tile)
-      out_TF = lax.dot_general(
-        rows_TD.astype(jnp.float32), w_DF, (((1,), contract), ((), ()))
-      )
-      return lax.dynamic_update_slice_in_dim(
-        out_NF, out_TF.astype(out_NF.dtype), row, 0
-      )
+      out_TF = lax.dot_general(rows_TD, w_DF, (((1,), contract), ((), ())))
+      return lax.dynamic_update_slice_in_dim(out_NF, out_TF, row, 0)
 
     return _visit_tiles(start_E[e], size_E[e], tile_size, run_tile, out_NF)
 
   def run_nonempty(e, out_NF):
     return lax.cond(size_E[e] > 0, run_expert, lambda e, o: o, e, out_NF)
 
-  out_NF = jnp.zeros((N + tile_size, F), lhs_ND.dtype)
+  out_NF = jnp.zeros((N + tile_size, F), jnp.float32)
   out_NF = lax.fori_loop(0, E, run_nonempty, out_NF)
   # Only the last group's last tile can write past the groups (< m rows).
   spill_TF = jnp.zeros((_tile_sizes(tile_size)[-1], F), out_NF.dtype)
   out_NF = lax.dynamic_update_slice_in_dim(out_NF, spill_TF, jnp.sum(size_E), 0)
-  return out_NF[:N]
+  return out_NF[:N].astype(dtype)
 
 
 def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
@@ -160,8 +158,8 @@ def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
   F = dout_NF.shape[1]
   E = group_sizes_E.shape[0]
   start_E, size_E = _group_bounds(group_sizes_E)
-  lhs_ND = jnp.pad(lhs_ND, ((0, tile_size), (0, 0)))
-  dout_NF = jnp.pad(dout_NF, ((0, tile_size), (0, 0)))
+  lhs_ND = jnp.pad(lhs_ND.astype(jnp.float32), ((0, tile_size), (0, 0)))
+  dout_NF = jnp.pad(dout_NF.astype(jnp.float32), ((0, tile_size), (0, 0)))
 
   def run_expert(e, drhs_EDF):
     end = start_E[e] + size_E[e]
@@ -172,11 +170,7 @@ def _tiles_weight_gradient(lhs_ND, dout_NF, group_sizes_E, tile_size):
       rows_TD = jnp.where(in_group_T[:, None], rows_TD, 0)
       dout_TF = lax.dynamic_slice_in_dim(dout_NF, row, tile)
       dout_TF = jnp.where(in_group_T[:, None], dout_TF, 0)
-      drhs_DF = lax.dot_general(
-        rows_TD.astype(jnp.float32),
-        dout_TF.astype(jnp.float32),
-        (((0,), (0,)), ((), ())),
-      )
+      drhs_DF = lax.dot_general(rows_TD, dout_TF, (((0,), (0,)), ((), ())))
       return drhs_EDF.at[e].add(drhs_DF)
 
     return _visit_tiles(start_E[e], size_E[e], tile_size, run_tile, drhs_EDF)

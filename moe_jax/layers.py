@@ -187,13 +187,21 @@ class Experts(nn.Module):
         return jnp.einsum("egcd,edf->egcf", h, w_EDF.astype(self.dtype))
 
     else:
+      implementation = grouped_matmul_lib.resolve_implementation(
+        self.grouped_matmul
+      )
 
       def matmul(h, w_EDF):  # row n of h_ND times w of its expert
+        # The CPU tiles multiply in float32 whatever the dtype: casting the
+        # [E, D, F] weights down and their gradients back would only add
+        # passes over E times the dense weights.
+        if implementation == "ragged_dot":
+          w_EDF = w_EDF.astype(self.dtype)
         return grouped_matmul_lib.grouped_matmul(
           h,
-          w_EDF.astype(self.dtype),
+          w_EDF,
           group_sizes_E,
-          implementation=self.grouped_matmul,
+          implementation=implementation,
           tile_size=self.tile_size or None,
         )
 
