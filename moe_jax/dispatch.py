@@ -19,10 +19,10 @@ Three backends give the same result from the same `routing.Routing`:
   capacity and no buffers: with a routing of capacity S nothing is dropped.
 
 The index and sorted backends move rows with `gather_rows`, whose gradient
-is again a gather: no scatter-add anywhere, so forward and backward passes
-are deterministic. The combine is a gather followed by a weighted sum over K
-in a fixed order. In every backend a dropped pair contributes exactly zero,
-and an empty slot holds a zero vector.
+is again a gather: no floating-point scatter-add, so forward and backward
+passes are deterministic. The combine is a gather followed by a weighted
+sum over K in a fixed order. In every backend a dropped pair contributes
+exactly zero, and an empty slot holds a zero vector.
 """
 
 from typing import NamedTuple
