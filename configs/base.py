@@ -65,7 +65,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
   config.model.moe.second_threshold = 0.2
   config.model.moe.renormalize_after_drop = False
-  config.model.moe.dispatch = "indices"  # "einsum" | "indices"
+  # How tokens reach the experts (moe_jax.dispatch): "einsum" (one-hot
+  # [G,S,E,C] tensors, GShard), "indices" (gathers into [E,G,C,D] buffers)
+  # or "dropless" (no capacity: pairs sorted by expert, grouped matmul).
+  config.model.moe.dispatch = "indices"
+  # Grouped matmul of "dropless": "auto" (ragged_dot on GPU/TPU, tiles on
+  # CPU) | "tiles" | "ragged_dot"; tile_size 0 = chosen from N and E.
+  config.model.moe.grouped_matmul = "auto"
+  config.model.moe.tile_size = 0
   config.model.moe.router_init_scale = 0.1  # Switch: 0.1x the default init
   config.model.moe.router_jitter = 0.0  # Switch App. C uses 1e-2
   config.model.moe.router_bias = False

@@ -2,7 +2,8 @@
 into the pure math of `routing`, `dispatch` and `losses`.
 
 Shapes (see `moe_jax.shapes`): tokens `[B, L, D]`, groups `[G, S, D]`, router
-logits `[G, S, E]`, expert buffers `[E, G, C, D]`, expert weights `[E, D, F]`.
+logits `[G, S, E]`, expert buffers `[E, G, C, D]` or rows sorted by expert
+`[N, D]` (dropless), expert weights `[E, D, F]`.
 
 An `MoeLayer` replaces a transformer's feed-forward block:
   y_t = sum_e g_{t,e} FFN_e(x_t)
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import expert_parallel, losses, metrics, routing, shapes, sharding
+from moe_jax import grouped_matmul as grouped_matmul_lib
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,6 +89,8 @@ class MoeConfig:
   second_threshold: float = 0.2
   renormalize_after_drop: bool = False
   dispatch: str = "indices"
+  grouped_matmul: str = "auto"
+  tile_size: int = 0
   router_init_scale: float = 0.1
   router_jitter: float = 0.0
   router_bias: bool = False
@@ -114,6 +118,13 @@ class MoeConfig:
           f"{sorted(routing.ROUTERS)}."
         )
       routing.gate_convention(self.eval_router, self.top_k, self.num_experts)
+    if self.dispatch == "dropless" and scheme.family == "expert_choice":
+      raise ValueError(
+        "dispatch='dropless' with router='expert_choice': expert choice has "
+        "no drops to remove (each expert takes exactly C tokens) and with "
+        "C = S every expert would take every token. Use dispatch='indices' "
+        "or 'einsum' with expert choice."
+      )
     if not scheme.causal and not self.allow_noncausal:
       raise ValueError(_NONCAUSAL_ERRORS[self.router])
     if self.router_init_scale < 0 or not self.router_noise_std > 0:
@@ -130,6 +141,13 @@ class MoeConfig:
     _choice("priority", self.priority, routing.PRIORITIES)
     _choice("second_policy", self.second_policy, routing.SECOND_POLICIES)
     _choice("dispatch", self.dispatch, dispatch_lib.DISPATCHERS)
+    _choice(
+      "grouped_matmul", self.grouped_matmul, grouped_matmul_lib.IMPLEMENTATIONS
+    )
+    if self.tile_size < 0:
+      raise ValueError(
+        f"tile_size={self.tile_size} must be >= 0 (0 = chosen from N and E)."
+      )
     _choice("load_balancing", self.load_balancing, losses.LOAD_BALANCING_LOSSES)
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("dtype", self.dtype, DTYPES)
@@ -215,6 +233,11 @@ class Experts(nn.Module):
   FFN_e(x) = act(x wi_e) wo_e, or (act(x wi_e) * (x wi_gate_e)) wo_e when
   gated (GLU variants, Shazeer 2020). The weights carry the logical axis
   names of `moe_jax.sharding`: E "expert", D "embed", F "mlp".
+
+  Two layouts of the same parameters, so a checkpoint serves every dispatch
+  backend: expert buffers x_EGCD (each expert's slots, einsum over E), or,
+  given `group_sizes_E`, rows x_ND sorted by expert, each row through its
+  own expert by a grouped matmul (`moe_jax.grouped_matmul`).
   """
 
   num_experts: int
@@ -222,20 +245,46 @@ class Experts(nn.Module):
   activation: str = "gelu"
   gated: bool = False
   dtype: jnp.dtype = jnp.float32
+  grouped_matmul: str = "auto"
+  tile_size: int = 0  # 0: grouped_matmul.default_tile_size
 
   @nn.compact
-  def __call__(self, x_EGCD: jax.Array) -> jax.Array:
-    E, D, F = self.num_experts, x_EGCD.shape[-1], self.expert_dim
+  def __call__(
+    self, x: jax.Array, group_sizes_E: jax.Array | None = None
+  ) -> jax.Array:
+    """y_EGCD from x_EGCD, or y_ND from x_ND and group_sizes_E."""
+    E, D, F = self.num_experts, x.shape[-1], self.expert_dim
+    if group_sizes_E is None:
+
+      def matmul(h, w_EDF):  # h_EGCD @ w_EDF -> EGCF
+        return jnp.einsum("egcd,edf->egcf", h, w_EDF.astype(self.dtype))
+
+    else:
+      implementation = grouped_matmul_lib.resolve_implementation(
+        self.grouped_matmul
+      )
+
+      def matmul(h, w_EDF):  # row n of h_ND times w of its expert
+        # The CPU tiles multiply in float32 whatever the dtype: casting the
+        # [E, D, F] weights down and their gradients back would only add
+        # passes over E times the dense weights.
+        if implementation == "ragged_dot":
+          w_EDF = w_EDF.astype(self.dtype)
+        return grouped_matmul_lib.grouped_matmul(
+          h,
+          w_EDF,
+          group_sizes_E,
+          implementation=implementation,
+          tile_size=self.tile_size or None,
+        )
+
     wi_EDF = self.param("wi", _EDF_INIT, (E, D, F), jnp.float32)
-    h_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, wi_EDF.astype(self.dtype))
-    h_EGCF = ACTIVATIONS[self.activation](h_EGCF)
+    h = ACTIVATIONS[self.activation](matmul(x, wi_EDF))
     if self.gated:
       gate_EDF = self.param("wi_gate", _EDF_INIT, (E, D, F), jnp.float32)
-      h_EGCF = h_EGCF * jnp.einsum(
-        "egcd,edf->egcf", x_EGCD, gate_EDF.astype(self.dtype)
-      )
+      h = h * matmul(x, gate_EDF)
     wo_EFD = self.param("wo", _EFD_INIT, (E, F, D), jnp.float32)
-    return jnp.einsum("egcf,efd->egcd", h_EGCF, wo_EFD.astype(self.dtype))
+    return matmul(h, wo_EFD)
 
 
 class MlpBlock(nn.Module):
@@ -417,7 +466,13 @@ _ROUTE_FAMILIES = {
 
 
 class MoeLayer(nn.Module):
-  """Router + capacity-limited dispatch + experts + combine."""
+  """Router + dispatch + experts + combine.
+
+  With `dispatch="dropless"` the routing has no capacity limit (C = S, so
+  no pair is dropped, in training and evaluation alike; the capacity
+  factors are unused) and the experts run as one grouped matmul over the
+  pairs sorted by expert. "einsum" and "indices" drop the pairs past C.
+  """
 
   config: MoeConfig
 
@@ -446,8 +501,10 @@ class MoeLayer(nn.Module):
     capacity = routing.compute_capacity(
       S, E, K, factor, cfg.capacity_rule, cfg.min_capacity
     )
-    if cfg.router == "soft_mixture":
-      capacity = S  # every expert takes every token
+    if cfg.router == "soft_mixture" or cfg.dispatch == "dropless":
+      # soft mixture: every expert takes every token; dropless: an expert
+      # gets at most one pair per token, so C = S drops nothing.
+      capacity = S
     inputs = _Inputs(
       x_GSD, mask_GS, token_ids_GS, capacity, deterministic, (B, L)
     )
@@ -455,15 +512,33 @@ class MoeLayer(nn.Module):
 
     dtype = DTYPES[cfg.dtype]
     experts = Experts(
-      E, cfg.expert_dim, cfg.activation, cfg.gated, dtype, name="experts"
+      E,
+      cfg.expert_dim,
+      cfg.activation,
+      cfg.gated,
+      dtype,
+      cfg.grouped_matmul,
+      cfg.tile_size,
+      name="experts",
     )
     if sharding.active_mesh() is None:
-      x_EGCD, combine_GSEC = dispatch_lib.dispatch(
+      x_expert, context = dispatch_lib.dispatch(
         x_GSD.astype(dtype), route, E, capacity, cfg.dispatch
       )
-      y_EGCD = experts(x_EGCD)
+      if cfg.dispatch == "dropless":  # rows sorted by expert
+        y_expert = experts(x_expert, context.group_sizes_E)
+      else:  # expert buffers x_EGCD
+        y_expert = experts(x_expert)
       y_GSD = dispatch_lib.combine(
-        y_EGCD, route, E, capacity, cfg.dispatch, combine_GSEC
+        y_expert, route, E, capacity, cfg.dispatch, context
+      )
+    elif cfg.dispatch == "dropless":
+      raise ValueError(
+        "dispatch='dropless' runs on one device only: its per-expert row "
+        "counts vary from step to step, which the fixed-size all-to-all of "
+        "expert parallelism cannot carry. Under a device mesh use "
+        "dispatch='indices' or 'einsum' (with capacity_factor), or run "
+        "without a mesh."
       )
     else:  # experts split over the mesh's `expert` axis
       y_GSD = expert_parallel.moe_ffn(

@@ -8,7 +8,9 @@ Every array in the package carries its shape in its name (`logits_GSE`,
   D  model width                       E  experts per MoE layer
   F  expert hidden width               K  experts chosen per token (top-k)
   H  attention heads                   C  capacity: slots per expert per group
-  V  vocabulary size
+  V  vocabulary size                   N  rows of a grouped matmul: the G*S*K
+                                          (token, choice) pairs by expert
+                                       T  rows of one tile of a grouped matmul
 
 Routing happens per group: the B*L tokens of a batch are cut into G groups of
 S consecutive tokens (GShard §2.2, "local groups"), and capacity, dropping and

@@ -285,6 +285,13 @@ def check_config(config, mesh) -> None:
         f"{B} x {L} / {S})",
         "groups never span devices: lower group_size or raise the batch",
       )
+  if moe.num_experts > 0 and moe.get("dispatch") == "dropless":
+    raise ValueError(
+      "model.moe.dispatch='dropless' runs on one device only (its per-expert "
+      "row counts change every step; expert parallelism moves fixed-size "
+      f"buffers): with mesh.shape={tuple(mesh.shape.values())} use "
+      "dispatch='indices' or 'einsum'."
+    )
   if moe.num_experts > 0:
     E, F = moe.num_experts, moe.expert_dim
     check(E, "expert", f"model.moe.num_experts={E}", "change E or the mesh")

@@ -202,13 +202,16 @@ print("\\nbatch_priority visits the tokens in the order",
   ),
   (
     "markdown",
-    """## 5. Dispatch and combine: two backends, one result
+    """## 5. Dispatch and combine: three backends, one result
 
 * **einsum** (GShard Alg. 2, §2.2; Switch): a one-hot dispatch tensor
   `dispatch[g, s, e, c] = 1` iff token s sits in slot c of expert e, and
   `combine = dispatch · g`. Faithful to the papers, but O(G·S·E·C).
-* **indices**: scatter each kept pair into row e·C + position of a buffer and
-  gather it back, O(G·S·K·D) memory.
+* **indices**: gather each kept pair's token into slot (e, g, position) of
+  the `[E, G, C, D]` buffers and gather it back, O(G·S·K·D) memory.
+* **dropless**: sort the kept pairs by expert into rows `[N, D]` for one
+  grouped matmul (MegaBlocks). The `MoeLayer` routes it with capacity S, so
+  nothing is dropped; given this routing it moves the same pairs.
 
 The toy experts below multiply their tokens by e + 1, so token t's output is
 (sum over its kept pairs of g_k · (e_k + 1)) · x_t, and exactly 0 for a token
@@ -233,13 +236,21 @@ x_GSD = jax.random.normal(jax.random.key(0), (1, S, 3))
 scale_E111 = (jnp.arange(E) + 1.0)[:, None, None, None]
 outputs = {}
 for backend in dispatch.DISPATCHERS:
-  x_EGCD, extra = dispatch.dispatch(x_GSD, route, E, capacity, backend)
+  x_expert, extra = dispatch.dispatch(x_GSD, route, E, capacity, backend)
+  if backend == "dropless":  # rows sorted by expert: group_sizes_E per expert
+    expert_N = np.repeat(np.arange(E), np.asarray(extra.group_sizes_E))
+    expert_N = np.pad(expert_N, (0, x_expert.shape[0] - len(expert_N)))
+    scale = (expert_N + 1.0)[:, None]
+  else:
+    scale = scale_E111
   outputs[backend] = dispatch.combine(
-    x_EGCD * scale_E111, route, E, capacity, backend, extra
+    x_expert * scale, route, E, capacity, backend, extra
   )
-difference = float(jnp.max(jnp.abs(outputs["einsum"] - outputs["indices"])))
-print("\\neinsum and indices backends agree: "
-      f"max |difference| = {difference:.1e}")
+print()
+for backend in ("indices", "dropless"):
+  difference = float(jnp.max(jnp.abs(outputs["einsum"] - outputs[backend])))
+  print(f"einsum and {backend} backends agree: "
+        f"max |difference| = {difference:.1e}")
 
 # By hand: sum over the kept pairs of g_k (e_k + 1), times x_t.
 factor_S = np.sum(

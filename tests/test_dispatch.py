@@ -1,4 +1,4 @@
-"""Tests for `moe_jax.dispatch`: the einsum and index backends.
+"""Tests for `moe_jax.dispatch`: the einsum, index and dropless backends.
 
 The MoE output is y_t = sum_e g_{t,e} FFN_e(x_t) over the kept pairs
 (REFERENCE (a); GShard Alg. 2). References are float64 NumPy loops over the
@@ -24,9 +24,13 @@ from moe_jax.dispatch import (
   combine,
   dispatch,
   dispatch_and_combine_tensors,
+  dropless_combine,
+  dropless_dispatch,
   index_combine,
   index_dispatch,
+  sort_by_expert,
 )
+from moe_jax.grouped_matmul import grouped_matmul
 from moe_jax.routing import PRIORITIES, ROUTERS, Routing, route_tokens
 
 D = 4
@@ -53,14 +57,27 @@ def _experts(x_EGCD, w_EDD):
   )
 
 
+@jax.jit  # compiles its loops once per shape, not once per eager call
+def _grouped_experts(x_ND, w_EDD, group_sizes_E):
+  """The same toy experts on rows sorted by expert (a grouped matmul)."""
+  return jnp.tanh(
+    grouped_matmul(x_ND, w_EDD, group_sizes_E, implementation="tiles")
+  )
+
+
 def _moe(x_GSD, logits_GSE, w_EDD, *, backend, capacity, **route_kwargs):
-  """route, dispatch, experts, combine; returns (y_GSD, x_EGCD, routing)."""
+  """route, dispatch, experts, combine; returns (y_GSD, x_EGCD or x_ND for
+  "dropless", routing). Every backend gets the same routing, so dropless
+  sees the same drops as the others when capacity < S."""
   E = logits_GSE.shape[-1]
   routing = route_tokens(logits_GSE, capacity=capacity, **route_kwargs)
-  x_EGCD, combine_GSEC = dispatch(x_GSD, routing, E, capacity, backend)
-  y_EGCD = _experts(x_EGCD, w_EDD)
-  y_GSD = combine(y_EGCD, routing, E, capacity, backend, combine_GSEC)
-  return y_GSD, x_EGCD, routing
+  x_expert, context = dispatch(x_GSD, routing, E, capacity, backend)
+  if backend == "dropless":
+    y_expert = _grouped_experts(x_expert, w_EDD, context.group_sizes_E)
+  else:
+    y_expert = _experts(x_expert, w_EDD)
+  y_GSD = combine(y_expert, routing, E, capacity, backend, context)
+  return y_GSD, x_expert, routing
 
 
 def _loss_and_grads(case, backend):
@@ -188,42 +205,61 @@ def test_matches_float64_loop_reference(case, backend):
 
 
 @hypothesis.given(dispatch_cases())
-def test_einsum_and_index_backends_agree(case):
-  """STYLE rule 9: both backends give the same buffers, outputs and
-  gradients w.r.t. the tokens and the router logits."""
+def test_backends_agree(case):
+  """STYLE rule 9: the three backends give the same outputs and gradients
+  w.r.t. the tokens and the router logits from the same routing (einsum and
+  indices also the same buffers). With C >= S nothing is dropped and this
+  is dropless against capacity-based dispatch."""
   results = {}
   for backend in DISPATCHERS:
-    y, x_EGCD, _ = _moe(
+    y, x_expert, _ = _moe(
       case["x"], case["logits"], case["w"], backend=backend, **case["route"]
     )
     loss, grads = _loss_and_grads(case, backend)
-    results[backend] = (x_EGCD, y, loss, grads)
+    results[backend] = (y, loss, grads)
+    if backend != "dropless":
+      results[backend] += (x_expert,)
   chex.assert_trees_all_close(
     results["einsum"], results["indices"], rtol=1e-6, atol=1e-6
+  )
+  chex.assert_trees_all_close(
+    results["einsum"][:3], results["dropless"], rtol=1e-5, atol=1e-6
   )
 
 
 @hypothesis.given(dispatch_cases(), st.sampled_from(DISPATCHERS))
 def test_dropped_pairs_and_empty_slots_are_exactly_zero(case, backend):
   """REFERENCE (c) "Dropped tokens": a token that lost every expert gets
-  output exactly 0 and no gradient; an empty slot of x_EGCD is exactly 0
-  (GShard Alg. 2); each filled slot holds its token unchanged."""
-  y, x_EGCD, routing = _moe(
+  output exactly 0 and no gradient. Buffers: an empty slot of x_EGCD is
+  exactly 0 (GShard Alg. 2) and each filled slot holds its token unchanged.
+  Sorted rows: the kept pairs expert by expert, in (group, token, rank)
+  order within an expert, then exact zeros."""
+  y, x_expert, routing = _moe(
     case["x"], case["logits"], case["w"], backend=backend, **case["route"]
   )
-  E, G, C, _ = x_EGCD.shape
-  assert C == case["route"]["capacity"]
   experts = np.asarray(routing.expert_index_GSK)
   kept = np.asarray(routing.kept_GSK)
-  position = np.asarray(routing.position_GSK)
   x = np.asarray(case["x"])
-  x_EGCD = np.asarray(x_EGCD)
-  filled = np.zeros((E, G, C), bool)
-  for g, s, k in zip(*np.nonzero(kept)):
-    e, c = experts[g, s, k], position[g, s, k]
-    filled[e, g, c] = True
-    np.testing.assert_allclose(x_EGCD[e, g, c], x[g, s], rtol=1e-7, atol=0)
-  assert np.all(x_EGCD[~filled] == 0.0)
+  if backend == "dropless":
+    E = case["logits"].shape[-1]
+    expected = np.zeros((kept.size, x.shape[-1]), np.float32)
+    n = 0
+    for e in range(E):
+      for g, s, _ in zip(*np.nonzero(kept & (experts == e))):
+        expected[n] = x[g, s]
+        n += 1
+    np.testing.assert_array_equal(x_expert, expected)
+  else:
+    E, G, C, _ = x_expert.shape
+    assert C == case["route"]["capacity"]
+    position = np.asarray(routing.position_GSK)
+    x_EGCD = np.asarray(x_expert)
+    filled = np.zeros((E, G, C), bool)
+    for g, s, k in zip(*np.nonzero(kept)):
+      e, c = experts[g, s, k], position[g, s, k]
+      filled[e, g, c] = True
+      np.testing.assert_allclose(x_EGCD[e, g, c], x[g, s], rtol=1e-7, atol=0)
+    assert np.all(x_EGCD[~filled] == 0.0)
 
   lost_all = ~kept.any(-1)
   assert np.all(np.asarray(y)[lost_all] == 0.0)
@@ -234,7 +270,7 @@ def test_dropped_pairs_and_empty_slots_are_exactly_zero(case, backend):
 @pytest.mark.parametrize("backend", DISPATCHERS)
 def test_capacity_zero_gives_exactly_zero(backend):
   """C = 0: every pair is dropped, so every output entry is exactly 0.0 and
-  the expert buffers are empty `[E, G, 0, D]`."""
+  the expert buffers are empty `[E, G, 0, D]` (dropless: all rows zero)."""
   rng = np.random.default_rng(0)
   case = dict(
     x=jnp.asarray(rng.normal(size=(2, 8, D)), jnp.float32),
@@ -243,10 +279,13 @@ def test_capacity_zero_gives_exactly_zero(backend):
     cot=jnp.ones((2, 8, D)),
     route=dict(router="top_k", top_k=2, capacity=0),
   )
-  y, x_EGCD, _ = _moe(
+  y, x_expert, _ = _moe(
     case["x"], case["logits"], case["w"], backend=backend, **case["route"]
   )
-  assert x_EGCD.shape == (3, 2, 0, D)
+  if backend == "dropless":  # rows for all G*S*K pairs, none in use
+    np.testing.assert_array_equal(x_expert, np.zeros((2 * 8 * 2, D)))
+  else:
+    assert x_expert.shape == (3, 2, 0, D)
   np.testing.assert_array_equal(y, np.zeros((2, 8, D)))
   _, (dx, dz) = _loss_and_grads(case, backend)
   np.testing.assert_array_equal(dx, np.zeros((2, 8, D)))
@@ -319,10 +358,12 @@ def test_permuting_tokens_permutes_outputs(seed, priority, backend, config):
   )
 
 
-def test_index_backend_is_bit_deterministic():
-  """REFERENCE (i) "Determinism of scatter-add": every slot gets at most one
-  pair and the combine sums over K in a fixed order, so two runs (forward and
-  backward, with drops and K = 2) are bit-identical."""
+@pytest.mark.parametrize("backend", ["indices", "dropless"])
+def test_sparse_backends_are_bit_deterministic(backend):
+  """REFERENCE (i) "Determinism of scatter-add": every slot or row gets at
+  most one pair, gradients of the row moves are gathers, and the combine
+  sums over K in a fixed order, so two runs (forward and backward, with
+  drops and K = 2) are bit-identical."""
   rng = np.random.default_rng(2)
   case = dict(
     x=jnp.asarray(rng.normal(size=(3, 5, D)), jnp.float32),
@@ -331,9 +372,9 @@ def test_index_backend_is_bit_deterministic():
     cot=jnp.asarray(rng.normal(size=(3, 5, D)), jnp.float32),
     route=dict(router="top_k", top_k=2, capacity=1),
   )
-  first = _loss_and_grads(case, "indices")
-  second = _loss_and_grads(case, "indices")
-  jitted = jax.jit(functools.partial(_loss_and_grads, case, "indices"))
+  first = _loss_and_grads(case, backend)
+  second = _loss_and_grads(case, backend)
+  jitted = jax.jit(functools.partial(_loss_and_grads, case, backend))
   third = jitted()
   fourth = jitted()
   for a, b in [(first, second), (third, fourth)]:
@@ -391,6 +432,49 @@ class HandRoutingTest(chex.TestCase):
     np.testing.assert_allclose(y, [[[27.0, 54.0], [0, 0], [0, 0]]], rtol=1e-6)
 
 
+# G=1, S=3, E=2, K=1, every pair kept: t0 -> e1, t1 -> e0, t2 -> e1.
+# Sorted by expert (stable): row 0 = t1 (e0); rows 1, 2 = t0, t2 (e1).
+_HAND_K1 = Routing(
+  expert_index_GSK=jnp.array([[[1], [0], [1]]], jnp.int32),
+  gates_GSK=jnp.array([[[0.5], [0.25], [1.0]]], jnp.float32),
+  position_GSK=jnp.array([[[0], [0], [1]]], jnp.int32),
+  kept_GSK=jnp.ones((1, 3, 1), bool),
+  probs_GSE=jnp.full((1, 3, 2), 0.5),
+)
+
+
+class HandSortedRoutingTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sort_by_expert(self):
+    """Rows in expert order, token order within an expert; dropped pairs
+    have no row (N = G*S*K = 6 for _HAND)."""
+    sort = self.variant(functools.partial(sort_by_expert, num_experts=2))
+    sorted_ = sort(_HAND_K1)
+    np.testing.assert_array_equal(sorted_.pair_N, [1, 0, 2])
+    np.testing.assert_array_equal(sorted_.row_GSK, [[[1], [0], [2]]])
+    np.testing.assert_array_equal(sorted_.group_sizes_E, [1, 2])
+    # _HAND keeps pairs 0 (t0 -> e0) and 1 (t0 -> e1) only.
+    sorted_ = sort(_HAND)
+    np.testing.assert_array_equal(sorted_.pair_N, [0, 1, 6, 6, 6, 6])
+    np.testing.assert_array_equal(sorted_.row_GSK, [[[0, 1], [6, 6], [6, 6]]])
+    np.testing.assert_array_equal(sorted_.group_sizes_E, [1, 1])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dropless_dispatch_and_combine(self):
+    """x_ND = [x_t1, x_t0, x_t2]; with expert outputs y_ND = [10, 100, 1000]
+    (per row) the combine gives t0: 0.5 * 100 = 50, t1: 0.25 * 10 = 2.5,
+    t2: 1.0 * 1000 = 1000."""
+    x = jnp.array([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    sorted_ = sort_by_expert(_HAND_K1, 2)
+    x_ND = self.variant(dropless_dispatch)(x, sorted_)
+    np.testing.assert_array_equal(x_ND, [[3.0, 4.0], [1.0, 2.0], [5.0, 6.0]])
+    y_ND = jnp.array([[10.0, 10.0], [100.0, 100.0], [1000.0, 1000.0]])
+    y = self.variant(dropless_combine)(y_ND, _HAND_K1, sorted_)
+    np.testing.assert_allclose(
+      y, [[[50.0, 50.0], [2.5, 2.5], [1000.0, 1000.0]]], rtol=1e-7
+    )
+
+
 def test_unknown_backend():
   with pytest.raises(ValueError, match="dispatch='nope'"):
     dispatch(jnp.zeros((1, 3, 2)), _HAND, 2, 1, "nope")
@@ -405,4 +489,4 @@ def test_index_combine_checks_buffer_shape():
 
 
 def test_dispatchers_registry():
-  assert dispatch_lib.DISPATCHERS == ("einsum", "indices")
+  assert dispatch_lib.DISPATCHERS == ("einsum", "indices", "dropless")

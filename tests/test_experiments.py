@@ -1,4 +1,5 @@
-"""Tests of the scripts in experiments/ on hand-made run directories."""
+"""Tests of the scripts in experiments/: compare_runs on hand-made run
+directories, and the benchmarks run once at their smallest sizes."""
 
 import json
 import os
@@ -12,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "configs"))
 import bench_all_to_all  # noqa: E402
+import bench_moe_layer  # noqa: E402
+import bench_train_step  # noqa: E402
 import compare_runs  # noqa: E402
 import switch_top1  # noqa: E402
 
@@ -137,3 +140,36 @@ def test_bench_all_to_all_command_line_matches_the_hlo(tmp_path):
   assert "1 MoE layers x 4 buffers [E=8, G=4, C=10, D=32]" in out.stdout
   assert "0.04 MB operands per device, 0.03 MB leave each" in out.stdout
   assert "(elements match)" in out.stdout
+
+
+def test_bench_moe_layer_smoke(tmp_path, capsys):
+  """One tiny cell of the grid: every variant is timed, has a memory figure
+  and a ratio to the dense FFN; dropless drops nothing."""
+  out = tmp_path / "layer.json"
+  bench_moe_layer.main(
+    [
+      "--quick",
+      "--experts=4",
+      "--top_k=2",
+      "--backends=indices,dropless",
+      f"--json={out}",
+    ]
+  )
+  records = json.loads(out.read_text())["records"]
+  assert [r["variant"] for r in records] == ["dense", "indices", "dropless"]
+  for r in records:
+    assert r["seconds"] > 0 and r["temp_bytes"] > 0
+  assert records[0]["vs_dense"] == 1.0
+  assert records[2]["dropped"] == 0.0
+  assert "| 512 | 4 | 2 | dropless |" in capsys.readouterr().out
+
+
+def test_bench_train_step_smoke(tmp_path):
+  """A tiny MoE LM and its dense twin each take training steps."""
+  out = tmp_path / "train.json"
+  bench_train_step.main(["--quick", "--backends=dropless", f"--json={out}"])
+  records = json.loads(out.read_text())["records"]
+  dense, dropless = records
+  assert (dense["variant"], dropless["variant"]) == ("dense", "dropless")
+  assert dropless["tokens_per_second"] > 0
+  assert dropless["parameters"] > dense["parameters"]

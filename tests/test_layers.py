@@ -1,6 +1,7 @@
 """Tests of moe_jax.layers: Router, Experts, MoeLayer vs NumPy references."""
 
 import dataclasses
+import functools
 
 import chex
 import flax.linen as nn
@@ -114,23 +115,135 @@ def test_top1_router_gets_task_gradient_through_gate():
   assert float(jnp.max(jnp.abs(grad_router))) > 1e-6
 
 
+def _value_and_grads(config, x_BLD, params=None):
+  """sum(sin(y)) and its gradients w.r.t. (params, x), jitted. Parameters
+  do not depend on the dispatch backend, so they are initialised through
+  the cheapest one."""
+  layer = MoeLayer(config)
+  if params is None:
+    _, params = _init(dataclasses.replace(config, dispatch="indices"), x_BLD)
+
+  def f(p, x):
+    return jnp.sum(jnp.sin(layer.apply({"params": p}, x, deterministic=True)))
+
+  return params, jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x_BLD)
+
+
 @pytest.mark.parametrize("router,top_k", [("switch", 1), ("gshard", 2)])
 def test_einsum_and_index_dispatch_agree(router, top_k):
-  """Both dispatch backends give the same outputs and gradients."""
+  """Both capacity backends give the same outputs and gradients (with
+  drops: C = ceil(16 / 4 * 0.75) = 3 of 16 tokens per expert)."""
   x_BLD = jax.random.normal(jax.random.key(5), (2, 16, D))
-  results = []
-  for backend in ("einsum", "indices"):
-    config = _config(
-      router=router, top_k=top_k, dispatch=backend, eval_capacity_factor=0.75
+  results = [
+    _value_and_grads(
+      _config(
+        router=router, top_k=top_k, dispatch=backend, eval_capacity_factor=0.75
+      ),
+      x_BLD,
     )
-    layer, params = _init(config, x_BLD)
-
-    def f(p, x, layer=layer):
-      return jnp.sum(jnp.sin(layer.apply({"params": p}, x, deterministic=True)))
-
-    value_and_grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-    results.append(value_and_grads(params, x_BLD))
+    for backend in ("einsum", "indices")
+  ]
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router,top_k", [("switch", 1), ("gshard", 2)])
+def test_dropless_agrees_with_capacity_backends_when_nothing_drops(
+  router, top_k
+):
+  """With C >= S (eval CF = E = 4: C = ceil(16 / 4 * 4) = 16 = S) no pair is
+  dropped, so einsum, indices and dropless (which never drops) give the
+  same outputs and gradients from the same parameters: one parameter tree
+  serves every backend."""
+  x_BLD = jax.random.normal(jax.random.key(5), (2, 16, D))
+  config = _config(router=router, top_k=top_k, eval_capacity_factor=float(E))
+  dropless = dataclasses.replace(config, dispatch="dropless")
+  layer = MoeLayer(dropless)
+  init = jax.jit(functools.partial(layer.init, deterministic=True))
+  chex.assert_trees_all_equal_shapes(
+    nn.unbox(init(jax.random.key(0), x_BLD)["params"]),
+    _init(config, x_BLD)[1],
+  )
+  params, reference = _value_and_grads(config, x_BLD)
+  for other in (dataclasses.replace(config, dispatch="einsum"), dropless):
+    _, result = _value_and_grads(other, x_BLD, params)
+    chex.assert_trees_all_close(result, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_dropless_matches_float64_reference_and_never_drops():
+  """GShard top-2 (Alg. 1: g_k = p_k / (p_1 + p_2)) without capacity:
+  y_t = sum_k g_{t,k} FFN_{e_k}(x_t) for every token, even at a training
+  capacity factor that would drop most pairs (0.1), in float64 NumPy."""
+  x_BLD = jax.random.normal(jax.random.key(11), (1, 16, D))
+  config = _config(
+    router="gshard", top_k=2, dispatch="dropless", capacity_factor=0.1
+  )
+  layer, params = _init(config, x_BLD)
+  y_BLD, sown = layer.apply(
+    {"params": params}, x_BLD, deterministic=False, mutable=["moe_metrics"]
+  )
+  assert float(sown["moe_metrics"]["drop_fraction_rank_2"][0]) == 0.0
+
+  x_ND = np.asarray(x_BLD, np.float64)[0]
+  logits_NE = x_ND @ np.asarray(params["router"]["kernel"], np.float64)
+  p_NE = np.exp(logits_NE - logits_NE.max(-1, keepdims=True))
+  p_NE /= p_NE.sum(-1, keepdims=True)
+  expected_ND = np.zeros_like(x_ND)
+  for t in range(16):
+    top2 = np.argsort(-p_NE[t])[:2]
+    for e in top2:
+      gate = p_NE[t, e] / p_NE[t, top2].sum()
+      expected_ND[t] += gate * _numpy_expert(params, e, x_ND[t : t + 1])[0]
+  np.testing.assert_allclose(y_BLD[0], expected_ND, rtol=1e-4, atol=1e-5)
+
+
+def test_dropless_tiles_and_ragged_dot_agree_and_are_deterministic():
+  """The CPU tile loop and `jax.lax.ragged_dot` give the same layer outputs
+  and gradients; two runs of the tile loop are bit-identical."""
+  x_BLD = jax.random.normal(jax.random.key(12), (2, 16, D))
+  results = {}
+  for implementation in ("tiles", "ragged_dot"):
+    config = _config(
+      router="top_k",
+      top_k=2,
+      dispatch="dropless",
+      grouped_matmul=implementation,
+      tile_size=4,
+    )
+    results[implementation] = _value_and_grads(config, x_BLD)
+  chex.assert_trees_all_close(
+    results["tiles"], results["ragged_dot"], rtol=1e-5, atol=1e-6
+  )
+  config = _config(router="top_k", top_k=2, dispatch="dropless", tile_size=4)
+  again = _value_and_grads(config, x_BLD)
+  for a, b in zip(jax.tree.leaves(results["tiles"]), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["indices", "dropless"])
+def test_bfloat16_experts_with_float32_router(backend):
+  """Switch §2.4 selective precision: experts in bfloat16, router, losses
+  and gates in float32; the output stays within bfloat16 rounding of the
+  float32 layer's and the router still gets a float32 gradient."""
+  x_BLD = jax.random.normal(jax.random.key(13), (2, 16, D))
+  config = _config(router="gshard", top_k=2, dispatch=backend, gated=True)
+  params, (_, (grads, _)) = _value_and_grads(
+    dataclasses.replace(config, dtype="bfloat16"), x_BLD
+  )
+  assert grads["router"]["kernel"].dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(grads["router"]["kernel"]))) > 0
+  layer = MoeLayer(dataclasses.replace(config, dtype="bfloat16"))
+  y16, sown = layer.apply(
+    {"params": params},
+    x_BLD.astype(jnp.bfloat16),
+    deterministic=True,
+    mutable=["aux_loss"],
+  )
+  assert y16.dtype == jnp.bfloat16
+  assert sown["aux_loss"]["router_z_loss"][0].dtype == jnp.float32
+  y32 = MoeLayer(config).apply({"params": params}, x_BLD, deterministic=True)
+  np.testing.assert_allclose(
+    np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05
+  )
 
 
 def test_padding_takes_no_capacity_and_gets_no_output():
@@ -235,6 +348,12 @@ def test_experts_are_independent():
     (dict(capacity_factor=0.0), "capacity_factor=0.0"),
     (dict(eval_capacity_factor=-1.0), "eval_capacity_factor=-1.0"),
     (dict(dispatch="scatter"), "unknown dispatch='scatter'"),
+    (dict(grouped_matmul="pallas"), "unknown grouped_matmul='pallas'"),
+    (dict(tile_size=-8), "tile_size=-8"),
+    (
+      dict(router="expert_choice", dispatch="dropless", allow_noncausal=True),
+      "dispatch='dropless' with router='expert_choice'",
+    ),
     (dict(priority="random"), "unknown priority='random'"),
     (dict(router="switch", top_k=2), "top_k=2"),
   ],

@@ -136,6 +136,13 @@ def test_good_config_passes_the_checks():
   sharding.check_config(_run_config(), _abstract_mesh((2, 4, 1)))
 
 
+def test_dropless_under_a_mesh_is_an_error():
+  config = _run_config()
+  config.model.moe.dispatch = "dropless"
+  with pytest.raises(ValueError, match=r"dispatch='dropless' runs on one dev"):
+    sharding.check_config(config, _abstract_mesh((2, 4, 1)))
+
+
 @pytest.mark.parametrize(
   "overrides, shape, message",
   [
@@ -148,6 +155,11 @@ def test_good_config_passes_the_checks():
     # B*L = 4*8 tokens in groups of 8: G = 4 groups for 8 devices.
     (dict(), (2, 4, 1), r"groups G=4 is not divisible by the 8 devices"),
     (dict(dispatch="einsum"), (1, 4, 2), None),
+    (
+      dict(dispatch="dropless"),
+      (1, 4, 2),
+      r"dispatch='dropless' runs on one device only",
+    ),
   ],
 )
 def test_layer_checks_the_active_mesh_when_traced(overrides, shape, message):
