@@ -122,14 +122,14 @@ def _inverse(index_Y, num_rows: int):
 
 
 def _slot_index_GSK(routing: Routing, num_experts: int, capacity: int):
-  """Flat slot (e*G + g)*C + position of each pair in the `[E, G, C]`
-  buffers; E*G*C (past the end) if dropped."""
-  G = routing.expert_index_GSK.shape[0]
-  group_G11 = jnp.arange(G, dtype=jnp.int32)[:, None, None]
-  slot_GSK = (
-    routing.expert_index_GSK * G + group_G11
-  ) * capacity + routing.position_GSK
-  return jnp.where(routing.kept_GSK, slot_GSK, num_experts * G * capacity)
+  """Slot e*C + position of each pair in its group's `[E, C]` buffers;
+  E*C (past the end) if dropped."""
+  slot_GSK = routing.expert_index_GSK * capacity + routing.position_GSK
+  return jnp.where(routing.kept_GSK, slot_GSK, num_experts * capacity)
+
+
+# Both directions work group by group (vmap over G): no index crosses a
+# group, so when G is split over devices GSPMD keeps the gathers local.
 
 
 def index_dispatch(
@@ -138,14 +138,17 @@ def index_dispatch(
   """Copies each kept pair's token into its slot; returns x_EGCD."""
   chex.assert_rank(x_GSD, 3)
   G, S, D = x_GSD.shape
-  slot_GSK = _slot_index_GSK(routing, num_experts, capacity)
-  # The token (flat g*S + s) in each slot; G*S (a zero row) if empty.
-  pair_X = _inverse(slot_GSK.reshape(-1), num_experts * G * capacity)
-  token_X = pair_X // slot_GSK.shape[-1]
-  x_XD = gather_rows(
-    x_GSD.reshape(G * S, D), token_X, slot_GSK.reshape(G * S, -1)
-  )
-  return x_XD.reshape(num_experts, G, capacity, D)
+  E, C = num_experts, capacity
+  slot_GSK = _slot_index_GSK(routing, E, C)
+  K = slot_GSK.shape[-1]
+
+  def one_group(x_SD, slot_SK):
+    # The token s in each slot; S (a zero row) if the slot is empty.
+    token_X = _inverse(slot_SK.reshape(-1), E * C) // K
+    return gather_rows(x_SD, token_X, slot_SK)
+
+  x_GXD = jax.vmap(one_group)(x_GSD, slot_GSK)
+  return x_GXD.reshape(G, E, C, D).transpose(1, 0, 2, 3)
 
 
 def index_combine(
@@ -155,9 +158,14 @@ def index_combine(
   chex.assert_rank(y_EGCD, 4)
   E, G, C, D = y_EGCD.shape
   chex.assert_equal((E, C), (num_experts, capacity))
-  slot_GSK = _slot_index_GSK(routing, num_experts, capacity)
-  pair_X1 = _inverse(slot_GSK.reshape(-1), E * G * C)[:, None]
-  y_GSKD = gather_rows(y_EGCD.reshape(E * G * C, D), slot_GSK, pair_X1)
+  slot_GSK = _slot_index_GSK(routing, E, C)
+  y_GXD = y_EGCD.transpose(1, 0, 2, 3).reshape(G, E * C, D)
+
+  def one_group(y_XD, slot_SK):
+    pair_X1 = _inverse(slot_SK.reshape(-1), E * C)[:, None]
+    return gather_rows(y_XD, slot_SK, pair_X1)
+
+  y_GSKD = jax.vmap(one_group)(y_GXD, slot_GSK)
   return _weighted_sum_over_choices(y_GSKD, routing.gates_GSK)
 
 
