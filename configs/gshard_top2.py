@@ -29,6 +29,8 @@ def get_config():
   config.model.moe.capacity_factor = 1.0
   config.model.moe.eval_capacity_factor = 2.0
   config.model.moe.priority = "k_major"
+  # k-major at K = 2 is not causal (README, Causality); kept as in GShard.
+  config.model.moe.allow_noncausal = True
   config.loss.load_balancing = "switch"
   config.loss.load_balancing_weight = 1e-2
   return config

@@ -31,6 +31,9 @@ def get_config():
   config.model.moe.capacity_rule = "gshard"  # C = ceil(CF * K * S / E)
   config.model.moe.capacity_factor = 2.0
   config.model.moe.eval_capacity_factor = 2.0
+  # Token by token, so drops stay causal in this decoder (Shazeer 2017 sets
+  # no drop order; k-major at K = 2 would let later tokens decide).
+  config.model.moe.priority = "token_major"
   config.loss.load_balancing_weight = 0.0
   config.loss.importance_loss_weight = 0.1  # Table 6
   config.loss.load_loss_weight = 0.1  # Table 6

@@ -35,6 +35,9 @@ def get_config():
   config.model.moe.capacity_rule = "vmoe"
   config.model.moe.capacity_factor = 1.05
   config.model.moe.eval_capacity_factor = 4.0
+  # k-major at K = 2 is not causal (README, Causality); kept as in V-MoE's
+  # non-batch-priority order.
+  config.model.moe.allow_noncausal = True
   config.loss.load_balancing_weight = 0.0
   config.loss.importance_loss_weight = 0.005
   config.loss.load_loss_weight = 0.005

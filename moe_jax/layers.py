@@ -31,6 +31,7 @@ second-choice policy, the noise of noisy routers, random routing), `dropout`.
 """
 
 import dataclasses
+import warnings
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -69,6 +70,35 @@ _NONCAUSAL_ERRORS = {
     "model.moe.allow_noncausal=True to train with it anyway."
   ),
 }
+
+
+class NoncausalRoutingWarning(UserWarning):
+  """A capacity drop order that lets later tokens decide earlier drops."""
+
+
+# Families whose drops follow `MoeConfig.priority`.
+_PRIORITY_FAMILIES = ("tokens_choose", "noisy_top_k", "vmoe", "sinkhorn")
+_PRIORITY_FAMILIES += ("hash", "random")
+
+
+def _noncausal_priority(config) -> str:
+  """Why `config`'s drop order is not causal in a decoder, or ''."""
+  family = routing.ROUTING_SCHEMES[config.router].family
+  if family not in _PRIORITY_FAMILIES or config.dispatch == "dropless":
+    return ""  # nothing is dropped by priority
+  if config.priority == "batch_priority":
+    return (
+      "priority='batch_priority' ranks the tokens of a group by their top "
+      "gate (V-MoE), so whether token t keeps its expert depends on later "
+      "tokens' scores"
+    )
+  if config.priority == "k_major" and config.top_k >= 2:
+    return (
+      f"priority='k_major' at top_k={config.top_k} places every first "
+      "choice of a group before any second choice, so later tokens' first "
+      "choices decide whether an earlier token keeps its second expert"
+    )
+  return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +157,17 @@ class MoeConfig:
       )
     if not scheme.causal and not self.allow_noncausal:
       raise ValueError(_NONCAUSAL_ERRORS[self.router])
+    reason = _noncausal_priority(self)
+    if reason and not self.allow_noncausal:
+      warnings.warn(
+        f"{reason}: a decoder can read the future through its drops (a "
+        "second-order leak beside expert choice's). Use "
+        "priority='token_major' or dispatch='dropless' for a causal "
+        "decoder, or set allow_noncausal=True to keep this order (the "
+        "paper's) and silence this warning.",
+        NoncausalRoutingWarning,
+        stacklevel=3,
+      )
     if self.router_init_scale < 0 or not self.router_noise_std > 0:
       raise ValueError(
         f"router_init_scale={self.router_init_scale} must be >= 0 (0: zero "

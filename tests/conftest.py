@@ -9,6 +9,15 @@ import os
 
 import hypothesis
 
+
+def pytest_configure(config):
+  # Many tests build top-2 layers in the papers' k-major order; the warning
+  # is tested once, in tests/test_layers.py.
+  config.addinivalue_line(
+    "filterwarnings", "ignore::moe_jax.layers.NoncausalRoutingWarning"
+  )
+
+
 hypothesis.settings.register_profile(
   "default",
   max_examples=30,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import warnings
 
 import chex
 import flax.linen as nn
@@ -10,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.layers import Experts, MoeConfig, MoeLayer, Router
+from moe_jax.layers import (
+  Experts,
+  MoeConfig,
+  MoeLayer,
+  NoncausalRoutingWarning,
+  Router,
+)
 from moe_jax.routing import ROUTING_SCHEMES
 
 D, F, E = 8, 16, 4
@@ -437,6 +444,30 @@ def test_noncausal_routers_are_refused_unless_allowed(router):
     _config(router="top_k", top_k=2, eval_router="nope")
   with pytest.raises(ValueError, match="eval_router='expert_choice'"):
     _config(router="top_k", top_k=2, eval_router="expert_choice")
+
+
+@pytest.mark.parametrize(
+  "overrides, warns",
+  [
+    (dict(router="top_k", top_k=2, priority="k_major"), True),
+    (dict(router="switch", top_k=1, priority="batch_priority"), True),
+    (dict(router="hash", top_k=2, priority="k_major"), True),
+    (dict(router="top_k", top_k=2, priority="token_major"), False),
+    (dict(router="switch", top_k=1, priority="k_major"), False),
+    (dict(router="top_k", top_k=2, dispatch="dropless"), False),
+    (dict(router="top_k", top_k=2, allow_noncausal=True), False),
+  ],
+)
+def test_noncausal_drop_orders_warn_unless_allowed(overrides, warns):
+  """k-major at K >= 2 and batch priority let later tokens decide earlier
+  drops; token-major order, K = 1 and dropless dispatch do not."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    MoeConfig(**overrides)
+  found = [w for w in caught if w.category is NoncausalRoutingWarning]
+  assert bool(found) == warns, [str(w.message) for w in caught]
+  if warns:
+    assert "allow_noncausal=True" in str(found[0].message)
 
 
 def test_expert_choice_evaluates_as_tokens_choose_with_eval_router():
