@@ -111,7 +111,7 @@ def router_probabilities(logits_GSE: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
 
 
-def _top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
+def top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
   """The indices of `jax.lax.top_k(x_GSE, k)`, by k passes of argmax.
 
   Same order and ties (the lower index first, also among -inf). XLA's SPMD
@@ -151,7 +151,7 @@ def top_k_gates(
   """
   chex.assert_rank(logits_GSE, 3)
   logits_GSE = logits_GSE.astype(jnp.float32)
-  expert_index_GSK = _top_k_indices(logits_GSE, top_k)
+  expert_index_GSK = top_k_indices(logits_GSE, top_k)
   top_logits_GSK = jnp.take_along_axis(logits_GSE, expert_index_GSK, axis=-1)
   if convention.softmax_order == "after":
     gates_GSK = jax.nn.softmax(top_logits_GSK, axis=-1)
