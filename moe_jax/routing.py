@@ -22,7 +22,8 @@ Other routers end in the same `Routing`, so both dispatch backends serve all:
 noisy top-k gating (`noisy_logits`, Shazeer 2017; V-MoE), expert choice
 (`expert_choice_route`, K = E), the dense soft mixture (`soft_mixture_route`),
 S-BASE (`sinkhorn_route`), and the non-learned `hash_route` and
-`random_route`. `ROUTING_SCHEMES` names them all for the MoE layer.
+`random_route`; DeepSeek-V3's router is in `moe_jax.deepseek`.
+`ROUTING_SCHEMES` names them all for the MoE layer.
 """
 
 import dataclasses
@@ -875,6 +876,8 @@ ROUTING_SCHEMES = {
   "expert_choice": RoutingScheme("expert_choice", causal=False),
   "soft_mixture": RoutingScheme("soft_mixture"),
   "sinkhorn": RoutingScheme("sinkhorn", causal=False),
+  # DeepSeek-V3: sigmoid scores, bias-balanced selection (moe_jax.deepseek).
+  "deepseek": RoutingScheme("deepseek"),
   "hash": RoutingScheme("hash", learned=False),
   "random": RoutingScheme("random", learned=False),
 }

@@ -394,14 +394,16 @@ class Layout:
       donate_argnums=0,
     )
 
-  def jit_eval_step(self, eval_fn: Callable, params) -> Callable:
-    """`eval_fn(params, batch) -> metrics`, jitted like `jit_train_step`."""
+  def jit_eval_step(self, eval_fn: Callable, variables) -> Callable:
+    """`eval_fn(variables, batch) -> metrics`, jitted like `jit_train_step`
+    (`variables`: any pytree of placed arrays, e.g. params and router
+    state)."""
     if self.mesh is None:
       return jax.jit(eval_fn)
     return jax.jit(
       self._in_mesh(eval_fn),
       in_shardings=(
-        jax.tree.map(lambda x: x.sharding, params),
+        jax.tree.map(lambda x: x.sharding, variables),
         self.sharding(("batch",)),
       ),
       out_shardings=self.sharding(()),
