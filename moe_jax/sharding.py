@@ -25,6 +25,10 @@ A `Layout` places the train state and the batches: `Layout()` is the single
 device (plain `jax.jit`, unchanged behaviour), `Layout(mesh)` initialises
 the state already sharded (`eval_shape`, then shardings, then a jitted init
 with `out_shardings`) and jits steps with in/out shardings and donated state.
+Leaves without logical names are replicated: the train state's
+`router_state` (the DeepSeek balancing bias `[E]`, which every device needs
+whole to route its groups, and which every device updates identically from
+the global batch's load).
 """
 
 import contextlib
