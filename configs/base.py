@@ -84,6 +84,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.allow_noncausal = False
   config.model.moe.router_noise_std = 1.0  # V-MoE: noise std = this / E
   config.model.moe.routing_seed = 0  # hash table; random routing at eval
+  # DeepSeek-V3 router (router="deepseek", see moe_jax.deepseek): loss-free
+  # balancing bias step u (Wang 2024 Fig. 4: 1e-3; 0 turns it off), group-
+  # limited routing (1 group: plain top-k; a group scores the sum of its
+  # expert_group_score_k best biased scores, DeepSeek-V3: 2) and the gate
+  # scale (DeepSeek-V3: 2.5 at 256 experts).
+  config.model.moe.bias_update_rate = 1e-3
+  config.model.moe.num_expert_groups = 1
+  config.model.moe.top_expert_groups = 1
+  config.model.moe.expert_group_score_k = 2
+  config.model.moe.routed_scaling_factor = 1.0
+  # Always-active shared experts beside the routed ones, for any router
+  # (DeepSeek-V3 Eq. 12); width 0 = expert_dim.
+  config.model.moe.num_shared_experts = 0
+  config.model.moe.shared_expert_dim = 0
 
   # ---- loss: LM cross-entropy + coefficient x each auxiliary loss.
   config.loss = ml_collections.ConfigDict()
@@ -95,6 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # CV^2 losses sown by the noisy routers (Shazeer 2017 or V-MoE form).
   config.loss.importance_loss_weight = 0.0
   config.loss.load_loss_weight = 0.0
+  # alpha of DeepSeek-V3's sequence-wise balance loss (Eqs. 17-20; §4.2:
+  # 1e-4), sown by router="deepseek" only.
+  config.loss.sequence_balance_weight = 1e-4
   config.loss.layer_reduction = (
     "sum"  # over MoE layers: "sum" (Switch) | "mean"
   )

@@ -34,7 +34,9 @@ class PermutationTest(NamedTuple):
   p_value: float
 
 
-def routing_decisions(params, model, batch) -> dict[str, dict[str, np.ndarray]]:
+def routing_decisions(
+  params, model, batch, router_state=None
+) -> dict[str, dict[str, np.ndarray]]:
   """Runs `model` deterministically on `batch` and returns its routing.
 
   `model` is a `TransformerLM`, `batch` holds `inputs` and `mask` `[B, L]`.
@@ -42,15 +44,21 @@ def routing_decisions(params, model, batch) -> dict[str, dict[str, np.ndarray]]:
   "gates", "kept"}} for every MoE layer, NumPy `[B, L, K]` each, at the eval
   capacity factor with padded tokens taking no slot, as in `eval_step`.
   Compiled once per model and batch shape (flax modules hash by config).
+  Pass `router_state` (the train state's) for the DeepSeek router.
   """
-  sown = _sown_routing(params, model, batch["inputs"], batch["mask"])
+  sown = _sown_routing(
+    params, router_state or {}, model, batch["inputs"], batch["mask"]
+  )
   return jax.tree.map(np.asarray, sown)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _sown_routing(params, model, inputs_BL, mask_BL):
+@functools.partial(jax.jit, static_argnums=2)
+def _sown_routing(params, router_state, model, inputs_BL, mask_BL):
+  variables = {"params": params}
+  if router_state:  # the DeepSeek bias (`TrainState.router_state`)
+    variables["router_state"] = router_state
   _, state = model.apply(
-    {"params": params},
+    variables,
     inputs_BL,
     mask_BL > 0,
     deterministic=True,

@@ -19,12 +19,23 @@ so dispatch, experts and combine are shared.
 The layer returns y only. Its auxiliary losses are sown into the `aux_loss`
 collection, unweighted, under names the trainer looks up as
 `config.loss.<name>_weight`: `load_balancing_loss` (learned tokens-choose
-routers), `router_z_loss` (every learned router), and `importance_loss`,
-`load_loss` (the noisy routers). Non-learned routers sow none. Routing
+routers), `router_z_loss` (every learned router), `importance_loss`,
+`load_loss` (the noisy routers) and `sequence_balance_loss` (DeepSeek).
+Non-learned routers sow none. Routing
 metrics go to `moe_metrics`; the routing decisions (`expert_index`, `gates`,
 `kept` as `[B, L, K]`) and the router's logits (`router_logits`; for noisy
 routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
 `intermediates` for analysis.
+
+The DeepSeek router keeps its balancing bias b `[E]` in the variable
+collection `router_state` (not `params`: no gradient, no optimizer). A
+training call with `router_state` mutable moves b by `bias_update_rate`
+against the batch's load (`deepseek.bias_update`); the routing of that
+call used the old b.
+
+`num_shared_experts` > 0 adds always-active experts beside the routed ones,
+for any router (DeepSeek-V3 Eq. 12): the layer returns
+sum_s FFN_s(x) + sum_e g_e FFN_e(x).
 
 RNG streams: `jitter` (router input noise), `routing` (GShard's random
 second-choice policy, the noise of noisy routers, random routing), `dropout`.
@@ -38,8 +49,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax import (
+  deepseek,
+  expert_parallel,
+  losses,
+  metrics,
+  routing,
+  shapes,
+  sharding,
+)
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import expert_parallel, losses, metrics, routing, shapes, sharding
 from moe_jax import grouped_matmul as grouped_matmul_lib
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
@@ -134,11 +153,22 @@ class MoeConfig:
   allow_noncausal: bool = False
   router_noise_std: float = 1.0
   routing_seed: int = 0
+  # DeepSeek-V3 (router="deepseek"); see moe_jax.deepseek.
+  bias_update_rate: float = 1e-3
+  num_expert_groups: int = 1
+  top_expert_groups: int = 1
+  expert_group_score_k: int = 2
+  routed_scaling_factor: float = 1.0
+  # Always-active shared experts, for any router (0: none; width 0:
+  # expert_dim).
+  num_shared_experts: int = 0
+  shared_expert_dim: int = 0
 
   def __post_init__(self):
     if self.num_experts < 1:
       raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
     scheme = routing.routing_scheme(self.router, self.top_k, self.num_experts)
+    self._check_deepseek()
     if self.eval_router:
       if self.eval_router not in routing.ROUTERS or not scheme.learned:
         raise ValueError(
@@ -201,6 +231,34 @@ class MoeConfig:
       raise ValueError(
         f"expert_dim={self.expert_dim}, group_size={self.group_size} must be "
         f">= 1 and min_capacity={self.min_capacity} >= 0."
+      )
+
+  def _check_deepseek(self):
+    if self.router == "deepseek":
+      deepseek.check_expert_groups(
+        self.num_experts,
+        self.top_k,
+        self.num_expert_groups,
+        self.top_expert_groups,
+        self.expert_group_score_k,
+      )
+    elif (self.num_expert_groups, self.top_expert_groups) != (1, 1):
+      raise ValueError(
+        f"num_expert_groups={self.num_expert_groups}, top_expert_groups="
+        f"{self.top_expert_groups}: group-limited routing needs "
+        f"router='deepseek' (got router={self.router!r}); use 1 and 1."
+      )
+    if not self.routed_scaling_factor > 0 or self.bias_update_rate < 0:
+      raise ValueError(
+        f"routed_scaling_factor={self.routed_scaling_factor} must be > 0 "
+        f"and bias_update_rate={self.bias_update_rate} >= 0 (0: no bias "
+        "balancing)."
+      )
+    if self.num_shared_experts < 0 or self.shared_expert_dim < 0:
+      raise ValueError(
+        f"num_shared_experts={self.num_shared_experts} and "
+        f"shared_expert_dim={self.shared_expert_dim} must be >= 0 "
+        "(shared_expert_dim 0: expert_dim)."
       )
 
 
@@ -493,6 +551,56 @@ def _random(layer, inputs):
   return route, {}
 
 
+def _deepseek(layer, inputs, logits_GSE):
+  """DeepSeek-V3: sigmoid scores, TopK(s + b) within the kept expert groups,
+  normalised unbiased gates; b lives in `router_state` and moves after each
+  training call; the sequence-wise balance loss; MaxVio before and after b.
+  """
+  cfg = layer.config
+  E, (B, L) = cfg.num_experts, inputs.batch_length
+  if not (
+    layer.is_initializing() or layer.has_variable("router_state", "bias")
+  ):
+    raise ValueError(
+      "router='deepseek' keeps its balancing bias in the 'router_state' "
+      "collection: apply the model with {'params': state.params, "
+      "'router_state': state.router_state}."
+    )
+  bias = layer.variable("router_state", "bias", jnp.zeros, (E,), jnp.float32)
+  route, unbiased_index_GSK = deepseek.deepseek_route(
+    logits_GSE,
+    bias.value,
+    top_k=cfg.top_k,
+    capacity=inputs.capacity,
+    num_groups=cfg.num_expert_groups,
+    top_groups=cfg.top_expert_groups,
+    group_score_k=cfg.expert_group_score_k,
+    routed_scaling_factor=cfg.routed_scaling_factor,
+    priority=cfg.priority,
+    padding_mask_GS=inputs.mask_GS,
+  )
+  load_E = deepseek.expert_load(route.expert_index_GSK, E, inputs.mask_GS)
+  unbiased_load_E = deepseek.expert_load(unbiased_index_GSK, E, inputs.mask_GS)
+  layer.sow(
+    "moe_metrics",
+    "max_violation_before_bias",
+    deepseek.max_violation(unbiased_load_E),
+  )
+  layer.sow(
+    "moe_metrics", "max_violation_after_bias", deepseek.max_violation(load_E)
+  )
+  updating = not inputs.deterministic and not layer.is_initializing()
+  if updating and layer.is_mutable_collection("router_state"):
+    bias.value = deepseek.bias_update(bias.value, load_E, cfg.bias_update_rate)
+  # The loss's scope is a sequence: back from groups to [B, L] rows.
+  loss = losses.sequence_balance_loss(
+    shapes.from_groups(route.probs_GSE, B, L),
+    shapes.from_groups(route.expert_index_GSK, B, L),
+    shapes.from_groups(inputs.mask_GS, B, L),
+  )
+  return route, {"sequence_balance_loss": loss}
+
+
 # family -> (layer, inputs[, logits]) -> (Routing, unweighted aux losses).
 _ROUTE_FAMILIES = {
   "tokens_choose": _tokens_choose,
@@ -501,6 +609,7 @@ _ROUTE_FAMILIES = {
   "expert_choice": _expert_choice,
   "soft_mixture": _soft_mixture,
   "sinkhorn": _sinkhorn,
+  "deepseek": _deepseek,
   "hash": _hash,
   "random": _random,
 }
@@ -593,6 +702,10 @@ class MoeLayer(nn.Module):
         implementation=cfg.expert_parallel,
       )
 
+    y_BLD = shapes.from_groups(y_GSD, B, L)
+    if cfg.num_shared_experts:
+      y_BLD = y_BLD + self._shared_experts(x_BLD.astype(dtype))
+
     for name, value in aux_losses.items():
       self.sow("aux_loss", name, value)
     metrics_fn = metrics.routing_metrics
@@ -604,7 +717,27 @@ class MoeLayer(nn.Module):
     for name in ("expert_index", "gates", "kept"):
       value_GSK = getattr(route, f"{name}_GSK")
       self.sow("intermediates", name, shapes.from_groups(value_GSK, B, L))
-    return shapes.from_groups(y_GSD, B, L).astype(x_BLD.dtype)
+    return y_BLD.astype(x_BLD.dtype)
+
+  def _shared_experts(self, x_BLD: jax.Array) -> jax.Array:
+    """sum over the N_s shared experts of FFN_s(x), every token (DeepSeek-V3
+    Eq. 12; DeepSeekMoE, Dai et al. 2024, §3.2).
+
+    Computed as ONE feed-forward block of width N_s * F_s: splitting its
+    hidden units into N_s blocks of F_s gives act(x [W_1 .. W_N]) [V_1; ..;
+    V_N] = sum_s act(x W_s) V_s, exactly N_s separate FFNs summed (also
+    gated: the product is per hidden unit). Only the initial scale differs:
+    the output weights are drawn with fan-in N_s F_s instead of F_s.
+    """
+    cfg = self.config
+    width = cfg.num_shared_experts * (cfg.shared_expert_dim or cfg.expert_dim)
+    return MlpBlock(
+      width,
+      cfg.activation,
+      cfg.gated,
+      DTYPES[cfg.dtype],
+      name="shared_experts",
+    )(x_BLD)
 
   def _experts_choose(self, deterministic: bool) -> bool:
     """Whether this call routes by expert choice (not its eval_router)."""

@@ -17,7 +17,9 @@ e over the group's tokens, from the full softmax over all E experts.
 apply to every learned tokens-choose router. The noisy routers also sow the
 coefficient-of-variation losses of their papers: `shazeer_importance_loss`
 and `shazeer_load_loss` (Shazeer 2017, router "noisy_top_k"),
-`vmoe_importance_loss` and `vmoe_load_loss` (V-MoE, router "vmoe").
+`vmoe_importance_loss` and `vmoe_load_loss` (V-MoE, router "vmoe"). The
+DeepSeek router sows `sequence_balance_loss` (DeepSeek-V3 Eqs. 17-20),
+whose scope is one sequence instead of one group.
 """
 
 import chex
@@ -168,6 +170,42 @@ LOAD_BALANCING_LOSSES = {
   "all_choices": all_choices_load_balancing_loss,
   "k_normalized": k_normalized_load_balancing_loss,
 }
+
+
+def sequence_balance_loss(
+  probs_BLE: jax.Array,
+  expert_index_BLK: jax.Array,
+  padding_mask_BL: jax.Array | None = None,
+) -> jax.Array:
+  """DeepSeek-V3 complementary sequence-wise balance loss (DeepSeek-AI 2024,
+  Eqs. 17-20), without its coefficient alpha, averaged over the sequences.
+
+    L_Bal = sum_i f_i P_i                                   (Eq. 17 / alpha)
+    f_i = N_r / (K_r T) sum_t 1{token t chose expert i}     (Eq. 18)
+    s'_{i,t} = s_{i,t} / sum_j s_{j,t}                      (Eq. 19)
+    P_i = (1/T) sum_t s'_{i,t}                              (Eq. 20)
+
+  over the T real tokens of ONE sequence (the batch's rows, whatever the
+  routing groups are). "Chose" counts the expert actually selected, i.e.
+  TopK of the biased scores s + b, before capacity (the paper writes TopK of
+  s; with b = 0 they agree). Equals 1 under uniform routing for every K,
+  and N_r / K_r when a sequence collapses onto one expert. alpha = 1e-4 in
+  DeepSeek-V3 (§4.2) is `config.loss.sequence_balance_weight`.
+
+  Args:
+    probs_BLE: s', the normalised sigmoid scores (rows sum to 1).
+    expert_index_BLK: the chosen experts.
+    padding_mask_BL: 1 for real tokens.
+  """
+  chex.assert_equal_shape_prefix([probs_BLE, expert_index_BLK], 2)
+  E, K = probs_BLE.shape[-1], expert_index_BLK.shape[-1]
+  # A sequence is a group of the per-group helpers: [B, L] plays [G, S].
+  mask_BL = _real_tokens(padding_mask_BL, probs_BLE.shape[:2])
+  counts_BE = dispatch_fraction(expert_index_BLK, E, mask_BL)  # (1/T) sum 1
+  f_BE = (E / K) * counts_BE  # Eq. 18
+  P_BE = mean_probability(probs_BLE, mask_BL)  # Eq. 20
+  loss_B = jnp.sum(f_BE * P_BE, axis=-1)  # Eq. 17
+  return _mean_over_groups(loss_B, mask_BL)
 
 
 def balancing_loss_fn(name: str):

@@ -22,7 +22,8 @@ Other routers end in the same `Routing`, so both dispatch backends serve all:
 noisy top-k gating (`noisy_logits`, Shazeer 2017; V-MoE), expert choice
 (`expert_choice_route`, K = E), the dense soft mixture (`soft_mixture_route`),
 S-BASE (`sinkhorn_route`), and the non-learned `hash_route` and
-`random_route`. `ROUTING_SCHEMES` names them all for the MoE layer.
+`random_route`; DeepSeek-V3's router is in `moe_jax.deepseek`.
+`ROUTING_SCHEMES` names them all for the MoE layer.
 """
 
 import dataclasses
@@ -111,7 +112,7 @@ def router_probabilities(logits_GSE: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
 
 
-def _top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
+def top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
   """The indices of `jax.lax.top_k(x_GSE, k)`, by k passes of argmax.
 
   Same order and ties (the lower index first, also among -inf). XLA's SPMD
@@ -151,7 +152,7 @@ def top_k_gates(
   """
   chex.assert_rank(logits_GSE, 3)
   logits_GSE = logits_GSE.astype(jnp.float32)
-  expert_index_GSK = _top_k_indices(logits_GSE, top_k)
+  expert_index_GSK = top_k_indices(logits_GSE, top_k)
   top_logits_GSK = jnp.take_along_axis(logits_GSE, expert_index_GSK, axis=-1)
   if convention.softmax_order == "after":
     gates_GSK = jax.nn.softmax(top_logits_GSK, axis=-1)
@@ -875,6 +876,8 @@ ROUTING_SCHEMES = {
   "expert_choice": RoutingScheme("expert_choice", causal=False),
   "soft_mixture": RoutingScheme("soft_mixture"),
   "sinkhorn": RoutingScheme("sinkhorn", causal=False),
+  # DeepSeek-V3: sigmoid scores, bias-balanced selection (moe_jax.deepseek).
+  "deepseek": RoutingScheme("deepseek"),
   "hash": RoutingScheme("hash", learned=False),
   "random": RoutingScheme("random", learned=False),
 }

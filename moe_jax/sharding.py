@@ -25,6 +25,10 @@ A `Layout` places the train state and the batches: `Layout()` is the single
 device (plain `jax.jit`, unchanged behaviour), `Layout(mesh)` initialises
 the state already sharded (`eval_shape`, then shardings, then a jitted init
 with `out_shardings`) and jits steps with in/out shardings and donated state.
+Leaves without logical names are replicated: the train state's
+`router_state` (the DeepSeek balancing bias `[E]`, which every device needs
+whole to route its groups, and which every device updates identically from
+the global batch's load).
 """
 
 import contextlib
@@ -401,14 +405,16 @@ class Layout:
       donate_argnums=0,
     )
 
-  def jit_eval_step(self, eval_fn: Callable, params) -> Callable:
-    """`eval_fn(params, batch) -> metrics`, jitted like `jit_train_step`."""
+  def jit_eval_step(self, eval_fn: Callable, variables) -> Callable:
+    """`eval_fn(variables, batch) -> metrics`, jitted like `jit_train_step`
+    (`variables`: any pytree of placed arrays, e.g. params and router
+    state)."""
     if self.mesh is None:
       return jax.jit(eval_fn)
     return jax.jit(
       self._in_mesh(eval_fn),
       in_shardings=(
-        jax.tree.map(lambda x: x.sharding, params),
+        jax.tree.map(lambda x: x.sharding, variables),
         self.sharding(("batch",)),
       ),
       out_shardings=self.sharding(()),

@@ -40,11 +40,22 @@ from moe_jax.models import TransformerConfig, TransformerLM
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step changes; checkpointed as one pytree."""
+  """Everything a step changes; checkpointed as one pytree.
+
+  Attributes:
+    step: int32 number of steps taken.
+    params: the model's trained parameters (Flax collection "params").
+    opt_state: the optimizer's state of `params`.
+    router_state: the Flax collection "router_state": variables the MoE
+      layers update themselves, without gradient or optimizer (the
+      DeepSeek loss-free balancing bias `{layer: {"moe": {"bias": [E]}}}`);
+      {} for every other model.
+  """
 
   step: jax.Array
   params: Any
   opt_state: Any
+  router_state: Any
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
@@ -101,15 +112,36 @@ def aux_loss_weight(loss_config: ml_collections.ConfigDict, name: str):
   )
 
 
-def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
-  """LM cross-entropy + weight x each auxiliary loss, and what to log."""
+def compute_loss(
+  params,
+  batch,
+  rngs,
+  *,
+  model,
+  loss_config,
+  deterministic,
+  router_state=None,
+):
+  """LM cross-entropy + weight x each auxiliary loss, and what to log.
+
+  Returns:
+    (total loss, (logged metrics, router_state)): in training the
+    router_state as the layers updated it from this batch (the DeepSeek
+    bias), else the one given.
+  """
+  variables = {"params": params}
+  mutable = ["aux_loss", "moe_metrics"]
+  if router_state:
+    variables["router_state"] = router_state
+    if not deterministic:
+      mutable.append("router_state")
   logits_BLV, sown = model.apply(
-    {"params": params},
+    variables,
     batch["inputs"],
     batch["mask"] > 0,
     deterministic=deterministic,
     rngs=rngs,
-    mutable=["aux_loss", "moe_metrics"],
+    mutable=mutable,
   )
   mask_BL = batch["mask"].astype(jnp.float32)
   token_losses_BL = optax.softmax_cross_entropy_with_integer_labels(
@@ -131,11 +163,13 @@ def compute_loss(params, batch, rngs, *, model, loss_config, deterministic):
       for k, v in _layer_values(sown.get("moe_metrics", {})).items()
     }
   )
-  return total, logged
+  return total, (logged, sown.get("router_state", router_state or {}))
 
 
 def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
-  """One optimizer step; randomness derived from (seed, step)."""
+  """One optimizer step; randomness derived from (seed, step). The
+  router_state (DeepSeek bias) moves after the step, from this batch's load,
+  outside the optimizer; this step routed with the bias of steps < t."""
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
   names = ("jitter", "routing", "dropout")
   rngs = dict(zip(names, jax.random.split(step_key, len(names))))
@@ -145,28 +179,46 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
     ),
     has_aux=True,
   )
-  (_, logged), grads = grad_fn(state.params, batch, rngs)
+  (_, (logged, router_state)), grads = grad_fn(
+    state.params, batch, rngs, router_state=state.router_state
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   logged["grad_norm"] = optax.tree.norm(grads)
   logged["learning_rate"] = schedule(state.step)
   new_state = state.replace(
-    step=state.step + 1, params=params, opt_state=opt_state
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    router_state=router_state,
   )
   return new_state, logged
 
 
-def eval_step(params, batch, *, model, loss_config):
-  """Deterministic loss and routing metrics of one batch (eval capacity)."""
-  _, logged = compute_loss(
-    params, batch, {}, model=model, loss_config=loss_config, deterministic=True
+def eval_step(variables, batch, *, model, loss_config):
+  """Deterministic loss and routing metrics of one batch (eval capacity);
+  `variables` = {"params": ..., "router_state": ...} (see `eval_variables`).
+  """
+  _, (logged, _) = compute_loss(
+    variables["params"],
+    batch,
+    {},
+    model=model,
+    loss_config=loss_config,
+    deterministic=True,
+    router_state=variables["router_state"],
   )
   return logged
 
 
-def evaluate(eval_fn, params, batches) -> dict[str, Any]:
+def eval_variables(state: TrainState) -> dict[str, Any]:
+  """What evaluation reads of the train state."""
+  return {"params": state.params, "router_state": state.router_state}
+
+
+def evaluate(eval_fn, variables, batches) -> dict[str, Any]:
   """Mean of each eval metric over the fixed validation batches."""
-  per_batch = [jax.device_get(eval_fn(params, b)) for b in batches]
+  per_batch = [jax.device_get(eval_fn(variables, b)) for b in batches]
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
 
 
@@ -185,8 +237,14 @@ def _initializer(config, model, tx, batch):
 
   def init():
     rng = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-    params = model.init(rng, jnp.zeros(shape, jnp.int32))["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    variables = model.init(rng, jnp.zeros(shape, jnp.int32))
+    params = variables["params"]
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      router_state=variables.get("router_state", {}),
+    )
 
   return init
 
@@ -241,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   )
   eval_fn = layout.jit_eval_step(
     functools.partial(eval_step, model=model, loss_config=config.loss),
-    state.params,
+    eval_variables(state),
   )
   eval_batches = [layout.put_batch(b) for b in eval_batches]
 
@@ -291,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         tick = time.perf_counter()
       if done % config.train.eval_every == 0 or done == num_steps:
         last_eval = _host_metrics(
-          "eval", evaluate(eval_fn, state.params, eval_batches)
+          "eval", evaluate(eval_fn, eval_variables(state), eval_batches)
         )
         last_eval["eval/unigram_baseline"] = baseline
         writer.write(done, last_eval)
@@ -329,7 +387,9 @@ def _print_summary(last_eval, baseline, plot_path):
     f"{baseline:.4f}: {loss / baseline:.1%} of it"
   )
   for key in sorted(last_eval):
-    if key.endswith(("/drop_fraction", "/max_violation", "/router_entropy")):
+    if key.endswith(
+      ("/drop_fraction", "/max_violation", "/router_entropy", "_bias")
+    ):
       print(f"  {key:48s} {last_eval[key]:.4f}")
   print(f"plot: {plot_path}")
 

@@ -7,6 +7,7 @@ judge:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
       python tests/multidevice_worker.py equivalence
   ... python tests/multidevice_worker.py restore WORKDIR 1,2,4 OUT.npz
+  ... python tests/multidevice_worker.py deepseek
 """
 
 import functools
@@ -112,6 +113,10 @@ def run_one_step(config, batch, layout, initial=None, decisions=True):
   out["metrics"] = jax.device_get(metrics)
   # Adam's first moment after one step is 0.1 x the clipped gradient.
   out["clipped_gradient"] = jax.device_get(state.opt_state[1][0].mu)
+  out["router_state"] = jax.device_get(state.router_state)
+  out["router_state_replicated"] = all(
+    x.sharding.is_fully_replicated for x in jax.tree.leaves(state.router_state)
+  )
   return out
 
 
@@ -189,6 +194,41 @@ def equivalence() -> dict:
   }
 
 
+def deepseek() -> dict:
+  """One train step of a DeepSeek-V3 MoE LM (sigmoid top-2 within 2 of 4
+  expert groups, a shared expert, loss-free bias balancing, the sequence
+  loss) on a 2x2x2 mesh against one device: the same loss, and the same
+  updated bias, replicated on every device."""
+  config = equivalence_config("shard_map")
+  moe = config.model.moe
+  moe.router, moe.second_policy, moe.router_jitter = "deepseek", "all", 0.0
+  moe.num_expert_groups, moe.top_expert_groups = 4, 2
+  moe.num_shared_experts, moe.bias_update_rate = 1, 0.01
+  moe.capacity_factor = 2.0
+  batch = synthetic_batch(config)
+  reference = run_one_step(config, batch, sharding.Layout(), decisions=False)
+  layout = sharding.Layout(sharding.make_mesh(MESH_SHAPE))
+  got = run_one_step(config, batch, layout, decisions=False)
+  bias = [
+    np.asarray(r["router_state"]["layer_00"]["moe"]["bias"]).tolist()
+    for r in (reference, got)
+  ]
+  return {
+    "loss": [
+      float(reference["metrics"]["loss"]),
+      float(got["metrics"]["loss"]),
+    ],
+    "sequence_loss": [
+      float(r["metrics"]["aux/sequence_balance_loss"]) for r in (reference, got)
+    ],
+    "bias": bias,
+    "replicated": got["router_state_replicated"],
+    "gradient_difference": _relative_difference(
+      reference["clipped_gradient"], got["clipped_gradient"]
+    ),
+  }
+
+
 def restore(workdir: str, shape: str, out: str) -> dict:
   """Restores the latest checkpoint of `workdir` onto a mesh of `shape` and
   writes every leaf to `out` (.npz, keys are leaf paths)."""
@@ -223,5 +263,6 @@ def restore(workdir: str, shape: str, out: str) -> dict:
 
 if __name__ == "__main__":
   mode, *args = sys.argv[1:]
-  result = {"equivalence": equivalence, "restore": restore}[mode](*args)
+  modes = {"equivalence": equivalence, "restore": restore, "deepseek": deepseek}
+  result = modes[mode](*args)
   print("RESULT " + json.dumps(result))

@@ -86,6 +86,19 @@ def test_expert_parallel_matches_one_device(tmp_path):
   assert r["shard_map_vs_gspmd"] < 1e-6
 
 
+def test_deepseek_bias_balancing_on_a_mesh_matches_one_device(tmp_path):
+  """One train step of a DeepSeek-V3 LM on a 2x2x2 mesh: the same loss and
+  sequence loss as on one device, and the same updated balancing bias
+  (+-u from the global batch's load), replicated on every device."""
+  r = _result(_run([WORKER, "deepseek"], 8, tmp_path))
+  np.testing.assert_allclose(*r["loss"], rtol=1e-5)
+  np.testing.assert_allclose(*r["sequence_loss"], rtol=1e-5)
+  assert r["bias"][0] == r["bias"][1]
+  np.testing.assert_allclose(np.abs(r["bias"][0]), 0.01)
+  assert r["replicated"]
+  assert r["gradient_difference"] < 1e-5
+
+
 # configs/switch_top1.py shrunk to seconds; G = 8 x 32 / 32 = 8 groups.
 TINY = {
   "data.max_code_bytes": 300_000,

@@ -392,8 +392,11 @@ def _router_config(router, **overrides):
 
 def _apply(layer, params, x_BLD, *, deterministic, seed=0, **kwargs):
   keys = jax.random.split(jax.random.key(seed), 2)
+  variables = {"params": params}
+  if layer.config.router == "deepseek":  # its balancing bias b = 0
+    variables["router_state"] = {"bias": jnp.zeros(E)}
   return layer.apply(
-    {"params": params},
+    variables,
     x_BLD,
     deterministic=deterministic,
     rngs={"routing": keys[0], "jitter": keys[1]},

@@ -812,5 +812,5 @@ def test_top_k_indices_match_lax_top_k_with_ties_and_minus_inf(
   logits = rng.integers(-1, 2, (2, 6, num_experts)).astype(np.float32)
   logits[rng.random(logits.shape) < 0.3] = -np.inf
   expected = jax.lax.top_k(logits, top_k)[1]
-  got = routing._top_k_indices(jnp.asarray(logits), top_k)
+  got = routing.top_k_indices(jnp.asarray(logits), top_k)
   np.testing.assert_array_equal(got, expected)

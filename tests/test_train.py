@@ -206,7 +206,7 @@ def test_compute_loss_adds_each_weighted_aux_loss_once(data_dir):
   model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
   batch = data.create_eval_batches(config.data)[0]
   params = model.init(jax.random.key(0), batch["inputs"])["params"]
-  total, logged = jax.jit(
+  total, (logged, router_state) = jax.jit(
     lambda p: train.compute_loss(
       p,
       batch,
@@ -229,3 +229,4 @@ def test_compute_loss_adds_each_weighted_aux_loss_once(data_dir):
     w * float(logged[f"aux/{name}"]) for name, w in weights.items()
   )
   np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+  assert router_state == {}  # only the DeepSeek router keeps state
