@@ -30,8 +30,9 @@ K / top_groups for the text's rule.
 
 Routing is per token (causal): no token's choice depends on another's,
 except through capacity, as for every tokens-choose router. DeepSeek-V3 is
-dropless; here capacity still applies (`routing.route_choices`), so its
-configs use a large capacity factor.
+dropless, and so are its configs here (`dispatch="dropless"`); with a
+capacity backend (`"indices"`, `"einsum"`, needed on a device mesh) the
+usual capacity and drop order apply (`routing.route_choices`).
 """
 
 import chex
