@@ -453,7 +453,7 @@ def test_train_step_moves_the_bias_outside_the_optimizer(data_dir):
 def test_resumed_run_keeps_the_bias_exactly(tmp_path, data_dir, monkeypatch):
   """Killed after step 7 with a checkpoint at step 5 and re-run: the bias
   and the parameters are bit-identical to an uninterrupted run's."""
-  from test_train import _CrashingIterator, _final_params
+  from test_train import _final_params, run_straight_and_resumed
 
   config = _tiny(
     deepseek_v3,
@@ -464,18 +464,7 @@ def test_resumed_run_keeps_the_bias_exactly(tmp_path, data_dir, monkeypatch):
     checkpoint_every=5,
   )
   config.model.moe.bias_update_rate = 1e-2
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(config, str(straight))
-  make_iterator = data.create_train_iterator
-  monkeypatch.setattr(
-    data,
-    "create_train_iterator",
-    lambda *a, **k: _CrashingIterator(make_iterator(*a, **k), crash_after=7),
-  )
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(resumed))
-  monkeypatch.setattr(data, "create_train_iterator", make_iterator)
-  train.train_and_evaluate(config, str(resumed))
+  straight, resumed = run_straight_and_resumed(config, tmp_path, monkeypatch)
   state_a, _ = _final_params(straight, config)
   state_b, _ = _final_params(resumed, config)
   bias_a = np.asarray(state_a.router_state["layer_01"]["moe"]["bias"])

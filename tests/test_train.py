@@ -83,6 +83,26 @@ def _final_params(workdir, config):
   return state, data_state
 
 
+def run_straight_and_resumed(config, tmp_path, monkeypatch, crash_after=7):
+  """Trains `config` once without interruption and once killed after step
+  `crash_after` and re-run in the same workdir; returns both workdirs."""
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(config, str(straight))
+  make_iterator = data.create_train_iterator
+  monkeypatch.setattr(
+    data,
+    "create_train_iterator",
+    lambda *a, **k: _CrashingIterator(
+      make_iterator(*a, **k), crash_after=crash_after
+    ),
+  )
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(resumed))
+  monkeypatch.setattr(data, "create_train_iterator", make_iterator)
+  train.train_and_evaluate(config, str(resumed))
+  return straight, resumed
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir, monkeypatch):
   """Killed after step 7 with a checkpoint at step 5, then re-run with the
   same workdir: metrics and final state are bit-identical to a run that was
@@ -91,19 +111,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir, monkeypatch):
     data_dir, num_steps=10, log_every=1, eval_every=5, checkpoint_every=5
   )
   config.model.moe.router_jitter = 0.01  # exercises the per-step rng
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(config, str(straight))
-
-  make_iterator = data.create_train_iterator
-  monkeypatch.setattr(
-    data,
-    "create_train_iterator",
-    lambda *a, **k: _CrashingIterator(make_iterator(*a, **k), crash_after=7),
-  )
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(resumed))
-  monkeypatch.setattr(data, "create_train_iterator", make_iterator)
-  train.train_and_evaluate(config, str(resumed))
+  straight, resumed = run_straight_and_resumed(config, tmp_path, monkeypatch)
 
   def rows(workdir):
     return [
