@@ -29,7 +29,6 @@ operands of every all-to-all in the compiled step of one device (XLA's SPMD
 program), which must equal "operands per device".
 """
 
-import functools
 import math
 import re
 import sys
@@ -128,14 +127,7 @@ def compiled_step_hlo(config) -> str:
   }
   state = train.abstract_state(config, model, tx, batch, layout)
   step_fn = layout.jit_train_step(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-      seed=config.seed,
-    ),
+    train.bind_train_step(config, model, tx, schedule),
     state,
   )
   return step_fn.lower(state, batch).compile().as_text()

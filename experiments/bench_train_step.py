@@ -16,7 +16,6 @@ median over rounds of the time per step and tokens/s = B * L / time.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import sys
@@ -45,14 +44,7 @@ def build_step(config, batch):
   model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
   tx, schedule = train.make_optimizer(config.optimizer, config.train.num_steps)
   step = jax.jit(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-      seed=config.seed,
-    ),
+    train.bind_train_step(config, model, tx, schedule),
     donate_argnums=0,
   )
   return step, train.init_state(config, model, tx, batch)

@@ -195,6 +195,19 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
   return new_state, logged
 
 
+def bind_train_step(config, model, tx, schedule):
+  """`train_step` as a function of (state, batch) only, for the jit of
+  the trainer, the benchmarks and the tests."""
+  return functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    loss_config=config.loss,
+    seed=config.seed,
+  )
+
+
 def eval_step(variables, batch, *, model, loss_config):
   """Deterministic loss and routing metrics of one batch (eval capacity);
   `variables` = {"params": ..., "router_state": ...} (see `eval_variables`).
@@ -287,14 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tx, schedule = make_optimizer(config.optimizer, num_steps)
   state = init_state(config, model, tx, eval_batches[0], layout)
   step_fn = layout.jit_train_step(
-    functools.partial(
-      train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-      seed=config.seed,
-    ),
+    bind_train_step(config, model, tx, schedule),
     state,
   )
   eval_fn = layout.jit_eval_step(

@@ -10,7 +10,6 @@ judge:
   ... python tests/multidevice_worker.py deepseek
 """
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -79,14 +78,7 @@ def run_one_step(config, batch, layout, initial=None, decisions=True):
     state = jax.device_put(initial, shardings)
   out = {"initial": jax.device_get(state)}
   step_fn = layout.jit_train_step(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-      seed=config.seed,
-    ),
+    train.bind_train_step(config, model, tx, schedule),
     state,
   )
   placed = layout.put_batch(batch)

@@ -1,8 +1,6 @@
 """Shrinks a run config to seconds of CPU and trains it briefly; shared by
 tests/test_train.py and tests/test_router_training.py."""
 
-import functools
-
 import jax
 import numpy as np
 
@@ -40,16 +38,7 @@ def train_briefly(config, num_steps):
   batches = data.create_train_iterator(config.data, seed=config.seed)
   first = next(batches)
   state = train.init_state(config, model, tx, first)
-  step_fn = jax.jit(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-      seed=config.seed,
-    )
-  )
+  step_fn = jax.jit(train.bind_train_step(config, model, tx, schedule))
   rows, batch = [], first
   for _ in range(num_steps):
     state, logged = step_fn(state, batch)
