@@ -6,8 +6,13 @@
 For each workdir it reads config.json and metrics.jsonl and reports the last
 evaluation: validation loss, its ratio to the unigram baseline, and per MoE
 layer (mean and worst layer) the dropped-token fraction, MaxVio and load CV,
-plus the training throughput. The README's results table is this script's
-output.
+plus the training throughput (train steps only: compilation and evaluation
+intervals excluded, `moe_jax.reproduction.train_tokens_per_second`).
+
+The table also shows every config key whose value differs between the
+compared runs (`seed` aside), and runs that differ only in their seed are
+grouped into one row: "seeds" counts them and each number is mean ± std over
+them. The README's results table is this script's output.
 """
 
 import argparse
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import writers
+from moe_jax import reproduction, writers
 
 
 def summarize(workdir: str) -> dict:
@@ -46,31 +51,94 @@ def summarize(workdir: str) -> dict:
       if re.fullmatch(rf"eval/moe/layer_\d+/{name}", k)
     ]
     out[name] = (np.mean(per_layer), np.max(per_layer)) if per_layer else None
-  logs = [r for r in rows if r.get("train/seconds_since_last_log")]
-  if len(logs) > 1:  # the first interval includes compilation
-    steps = np.diff([r["step"] for r in logs])
-    seconds = [r["train/seconds_since_last_log"] for r in logs[1:]]
-    batch = config["data"]["batch_size"] * config["data"]["seq_len"]
-    out["tokens/s"] = batch * np.sum(steps) / np.sum(seconds)
-  else:
-    out["tokens/s"] = None
+  out["tokens/s"] = reproduction.train_tokens_per_second(rows, config)
   return out
 
 
+def flat_config(workdir: str) -> dict:
+  """config.json as {"model.moe.top_k": 2, ...}."""
+  config = json.loads((Path(workdir) / "config.json").read_text())
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = value
+
+  walk(config, "")
+  return out
+
+
+def differing_keys(configs: list[dict]) -> list[str]:
+  """Config keys (not `seed`) whose values are not the same in all runs."""
+  keys = sorted(set().union(*configs) - {"seed"})
+  missing = object()
+  return [
+    k
+    for k in keys
+    if len({json.dumps(c.get(k, missing), default=str) for c in configs}) > 1
+  ]
+
+
+def group_seeds(workdirs: list[str]) -> list[dict]:
+  """One row per configuration: summaries of runs that differ only in seed
+  merged (numbers -> (mean, std) lists), with the differing config keys."""
+  configs = [flat_config(w) for w in workdirs]
+  keys = differing_keys(configs)
+  groups: dict[str, list[int]] = {}
+  for i, config in enumerate(configs):
+    signature = json.dumps({k: v for k, v in config.items() if k != "seed"},
+                           sort_keys=True, default=str)
+    groups.setdefault(signature, []).append(i)
+  rows = []
+  for members in groups.values():
+    summaries = [summarize(workdirs[i]) for i in members]
+    first = summaries[0]
+    row = {"run": first["run"] if len(members) == 1 else
+           "+".join(summaries[i]["run"] for i in range(len(members)))}
+    row["seeds"] = len(members)
+    row.update({k: configs[members[0]].get(k) for k in keys})
+    for name, value in first.items():
+      if name == "run" or name in row:
+        continue
+      values = [s[name] for s in summaries]
+      row[name] = _merge(values)
+    rows.append(row)
+  return rows
+
+
+def _merge(values):
+  """Equal values stay as they are; numbers become ("±", mean, std)."""
+  if all(v == values[0] for v in values):
+    return values[0]
+  if all(isinstance(v, tuple) for v in values):
+    return tuple(float(np.mean([v[i] for v in values])) for i in range(2))
+  if all(isinstance(v, (int, float)) for v in values):
+    return ("±", float(np.mean(values)), float(np.std(values, ddof=1)))
+  return "/".join(map(str, values))
+
+
 def markdown_table(summaries: list[dict]) -> str:
+  def number(value):
+    return f"{value:,.0f}" if abs(value) > 100 else f"{value:.3f}"
+
   def cell(value):
     if value is None:
       return "-"
+    if isinstance(value, tuple) and value and value[0] == "±":
+      return f"{number(value[1])} ± {number(value[2])}"
     if isinstance(value, tuple):
       return f"{value[0]:.3f} ({value[1]:.3f})"
     if isinstance(value, float):
-      return f"{value:,.0f}" if value > 100 else f"{value:.3f}"
+      return number(value)
     return str(value)
 
   header = list(summaries[0])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for s in summaries:
-    lines.append("| " + " | ".join(cell(s[k]) for k in header) + " |")
+    lines.append("| " + " | ".join(cell(s.get(k)) for k in header) + " |")
   return "\n".join(lines)
 
 
@@ -101,10 +169,12 @@ def main():
   parser.add_argument("workdirs", nargs="+")
   parser.add_argument("--plot", default="", help="PNG path for the loss plot")
   args = parser.parse_args()
-  print(markdown_table([summarize(w) for w in args.workdirs]))
+  print(markdown_table(group_seeds(args.workdirs)))
   print(
     "\ndrop_fraction, max_violation, load_cv: mean over MoE layers "
-    "(worst layer)."
+    "(worst layer); a ± b: mean ± std over the seeds of a row; columns "
+    "between 'seeds' and 'router': the config keys that differ; tokens/s: "
+    "median over logging intervals, compilation and evaluation excluded."
   )
   if args.plot:
     plot_losses(args.workdirs, args.plot)

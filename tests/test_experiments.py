@@ -49,8 +49,9 @@ def test_summarize_reads_last_eval_and_throughput(tmp_path):
   assert s["/ unigram"] == pytest.approx(0.5)  # 1.5 / 3.0
   assert s["drop_fraction"] == pytest.approx((0.2, 0.3))  # mean, worst
   assert s["max_violation"] is None
-  # 20 steps of 2 x 8 tokens in 2 + 3 seconds (the first interval skipped).
-  assert s["tokens/s"] == pytest.approx(20 * 16 / 5.0)
+  # The first interval (compilation) is skipped; 10 steps of 2 x 8 tokens
+  # in 2 s and in 3 s: 80 and 53.3 tokens/s, median 66.7.
+  assert s["tokens/s"] == pytest.approx((80 + 160 / 3) / 2)
 
 
 def test_command_line_prints_a_table(tmp_path):
@@ -68,8 +69,9 @@ def test_command_line_prints_a_table(tmp_path):
     text=True,
     check=True,
   ).stdout
-  assert "| moe | switch | 8/1 | 30 | 1.500 | 0.500 |" in out
-  assert "| dense | dense | - |" in out
+  # The runs differ in num_experts only: it becomes a column.
+  assert "| moe | 1 | 8 | switch | 8/1 | 30 | 1.500 | 0.500 |" in out
+  assert "| dense | 1 | 0 | dense | - |" in out
   assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -173,3 +175,31 @@ def test_bench_train_step_smoke(tmp_path):
   assert (dense["variant"], dropless["variant"]) == ("dense", "dropless")
   assert dropless["tokens_per_second"] > 0
   assert dropless["parameters"] > dense["parameters"]
+
+
+def test_compare_runs_shows_differing_keys_and_groups_seeds(tmp_path):
+  """Two seeds of one config become one row (mean ± std); the config key
+  that differs between rows is a column; seed is not."""
+  for name, experts, seed, loss in (
+    ("a0", 8, 0, 1.0), ("a1", 8, 1, 2.0), ("b0", 4, 0, 3.0)
+  ):
+    _fake_run(tmp_path / name, experts)
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    config["seed"] = seed
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+    rows = compare_runs.writers.read_metrics(str(tmp_path / name))
+    rows[-1]["eval/lm_loss"] = loss
+    (tmp_path / name / "metrics.jsonl").write_text(
+      "\n".join(map(json.dumps, rows)) + "\n"
+    )
+  groups = compare_runs.group_seeds(
+    [str(tmp_path / n) for n in ("a0", "a1", "b0")]
+  )
+  assert [g["seeds"] for g in groups] == [2, 1]
+  assert [g["model.moe.num_experts"] for g in groups] == [8, 4]
+  assert "seed" not in groups[0]
+  # mean and sample std of 1.0 and 2.0
+  assert groups[0]["eval loss"] == ("±", 1.5, pytest.approx(0.7071, 1e-3))
+  table = compare_runs.markdown_table(groups)
+  assert "| model.moe.num_experts |" in table.splitlines()[0]
+  assert "1.500 ± 0.707" in table

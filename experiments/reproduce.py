@@ -1,0 +1,570 @@
+"""Re-runs the balancing comparisons of the MoE papers and reports each claim.
+
+  python experiments/reproduce.py --suite=switch_balance --scale=cpu
+  python experiments/reproduce.py --suite=all --scale=smoke --results=/tmp/r
+  python experiments/reproduce.py --suite=loss_free --plan     # costs only
+  python experiments/reproduce.py --suite=loss_free --report_only
+
+A suite is a run book in configs/reproduce/<suite>.py (see
+`moe_jax.reproduction`). For every arm and seed this script
+
+  1. predicts the cost (steps x the step time measured on a short probe of
+     each distinct model shape) and prints it, with the total;
+  2. trains it with `moe_jax.train.train_and_evaluate` in
+     <runs>/<scale>/<suite>/<arm>/seed_<n>: an arm already finished is
+     skipped, an interrupted one resumes from its checkpoint, a diverged one
+     is a result ("unstable at step N"), not a crash of the sweep;
+  3. evaluates the checkpoint again under the arm's extra evaluation settings
+     (`moe_jax.evaluate`), without retraining;
+  4. rewrites <results>/<suite>/results.json after every arm, then
+     report.md (the verdict rule first, then the claims, the arms and the
+     plots) and the PNG plots.
+
+Run it in the background for the cpu scale; stop and restart it at will.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moe_jax import reproduction, writers
+from moe_jax.reproduction import Suite
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE_DIR = REPO / "configs" / "reproduce"
+
+
+def suite_names() -> list[str]:
+  """Every suite: the run books in configs/reproduce/ that define SUITE."""
+  names = []
+  for path in sorted(SUITE_DIR.glob("*.py")):
+    if "SUITE = Suite(" in path.read_text():
+      names.append(path.stem)
+  return names
+
+
+def load_suite(name: str):
+  """The run book module of `name` (with `get_config` and `SUITE`)."""
+  path = SUITE_DIR / f"{name}.py"
+  if not path.exists():
+    raise SystemExit(
+      f"unknown suite {name!r}; allowed: all, {', '.join(suite_names())}."
+    )
+  spec = importlib.util.spec_from_file_location(f"reproduce_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@dataclasses.dataclass
+class Job:
+  arm: reproduction.Arm
+  seed: int
+  arg: str  # the full get_config argument
+  config_path: str  # what --config takes to run this job alone
+  workdir: Path
+
+
+def jobs_of(module, scale: str, seeds: int | None, runs: Path) -> list[Job]:
+  suite: Suite = module.SUITE
+  n = seeds or suite.seeds[scale]
+  out = []
+  for arm in suite.arms_at(scale):
+    for seed in range(n):
+      arg = ",".join(filter(None, [arm.args, f"scale={scale}", f"seed={seed}"]))
+      out.append(
+        Job(
+          arm,
+          seed,
+          arg,
+          f"configs/reproduce/{suite.name}.py:{arg}",
+          runs / scale / suite.name / arm.name / f"seed_{seed}",
+        )
+      )
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Cost prediction.
+
+# Keys that change neither the model's shapes nor the step's work.
+_COST_IRRELEVANT = {
+  "seed",
+  "loss",
+  "optimizer",
+  "train",
+  "router_init_scale",
+  "bias_update_rate",
+  "eval_capacity_factor",
+  "eval_router",
+  "routing_seed",
+}
+
+
+def _shape_signature(config) -> str:
+  def strip(d):
+    return {
+      k: strip(v) if isinstance(v, dict) else v
+      for k, v in d.items()
+      if k not in _COST_IRRELEVANT
+    }
+
+  return json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+
+
+def probe_step_seconds(config, steps: int = 4) -> float:
+  """Seconds per training step of `config`, timed over `steps` steps after
+  two warm-up steps (compilation excluded)."""
+  import jax
+
+  from moe_jax import data, train
+  from moe_jax.models import TransformerConfig, TransformerLM
+
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  tx, schedule = train.make_optimizer(config.optimizer, config.train.num_steps)
+  batches = data.create_train_iterator(config.data, seed=config.seed)
+  batch = next(batches)
+  state = train.init_state(config, model, tx, batch)
+  step_fn = jax.jit(train.bind_train_step(config, model, tx, schedule))
+  for _ in range(2):
+    state, _ = step_fn(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, _ = step_fn(state, batch)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - start) / steps
+
+
+def predict_costs(module, jobs: list[Job], done: set) -> list[tuple]:
+  """[(job, steps left, seconds per step)] for the unfinished jobs; one probe
+  per distinct model shape."""
+  measured, out = {}, []
+  for job in jobs:
+    if (job.arm.name, job.seed) in done:
+      continue
+    config = module.get_config(job.arg)
+    signature = _shape_signature(config)
+    if signature not in measured:
+      measured[signature] = probe_step_seconds(config)
+    steps = config.train.num_steps - _latest_checkpoint(job.workdir)
+    out.append((job, steps, measured[signature]))
+  return out
+
+
+def _latest_checkpoint(workdir: Path) -> int:
+  steps = [
+    int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()
+  ]
+  return max(steps, default=0)
+
+
+def print_costs(suite: str, costs: list[tuple]) -> float:
+  total = 0.0
+  for job, steps, seconds in costs:
+    # +20% for evaluation, checkpoints and compilation.
+    cost = 1.2 * steps * seconds
+    total += cost
+    print(
+      f"  {suite:24s} {job.arm.name:26s} seed {job.seed}: {steps:6d} steps x "
+      f"{seconds * 1e3:7.1f} ms = {cost / 60:6.1f} min"
+    )
+  print(f"  {suite}: {total / 60:.1f} min predicted for {len(costs)} runs")
+  return total
+
+
+# ---------------------------------------------------------------------------
+# Running.
+
+
+def run_job(module, job: Job) -> dict:
+  """Trains (or resumes) one job; returns its record for results.json."""
+  from moe_jax import evaluate, train
+
+  config = module.get_config(job.arg)
+  start = time.time()
+  record = {
+    "arm": job.arm.name,
+    "seed": job.seed,
+    "config": job.config_path,
+    "command": (
+      f"python -m moe_jax.train --config={job.config_path} "
+      f"--workdir={job.workdir}"
+    ),
+    "workdir": str(job.workdir),
+  }
+  try:
+    train.train_and_evaluate(config, str(job.workdir))
+    record["status"] = "finished"
+  except FloatingPointError as e:  # the trainer stops on a non-finite loss
+    step = re.search(r"at step (\d+)", str(e))
+    record["status"] = "diverged"
+    record["diverged_step"] = int(step.group(1)) if step else None
+    record["error"] = str(e)
+  record["seconds"] = time.time() - start
+  summary = reproduction.summarize_run(str(job.workdir))
+  summary["stable"] = float(record["status"] == "finished")
+  if record["status"] == "finished":
+    for name, overrides in job.arm.evals.items():
+      row = evaluate.evaluate_checkpoint(str(job.workdir), overrides)
+      for key, value in reproduction.summarize_eval_row(row).items():
+        summary[f"{key}@{name}"] = value
+  record["summary"] = summary
+  return record
+
+
+def git_commit() -> str:
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
+    return out + ("+uncommitted" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def load_results(path: Path, suite: str, scale: str) -> dict:
+  if path.exists():
+    results = json.loads(path.read_text())
+    if results["scale"] != scale:
+      raise SystemExit(
+        f"{path} holds {results['scale']}-scale results; write {scale}-scale "
+        "ones elsewhere with --results=DIR."
+      )
+    return results
+  return {"suite": suite, "scale": scale, "runs": []}
+
+
+def save_json(path: Path, value: dict):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def run_suite(name: str, args) -> dict:
+  module = load_suite(name)
+  suite: Suite = module.SUITE
+  out_dir = Path(args.results) / name
+  results_path = out_dir / "results.json"
+  results = load_results(results_path, name, args.scale)
+  jobs = jobs_of(module, args.scale, args.seeds, Path(args.runs))
+  done = {(r["arm"], r["seed"]) for r in results["runs"]}
+  if not args.report_only:
+    if args.probe:
+      print(f"predicted cost of {name} ({args.scale}):")
+      print_costs(name, predict_costs(module, jobs, done))
+    if args.plan:
+      return results
+    for job in jobs:
+      if (job.arm.name, job.seed) in done:
+        continue
+      print(f"[{name}] {job.arm.name} seed {job.seed}: {job.config_path}")
+      record = run_job(module, job)
+      record["commit"] = git_commit()
+      results["runs"].append(record)
+      results["command"] = " ".join([
+        "python experiments/reproduce.py", f"--suite={name}",
+        f"--scale={args.scale}",
+      ])
+      save_json(results_path, results)
+  write_report(suite, results, out_dir, Path(args.runs))
+  return results
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def values_of(results: dict, arm: str, metric: str, derived: dict) -> list:
+  """The per-seed values of `metric` for `arm` (NaN where a run lacks it)."""
+  out = []
+  for run in results["runs"]:
+    if run["arm"] != arm:
+      continue
+    summary = run["summary"]
+    if metric in derived:
+      try:
+        value = derived[metric](summary)
+      except (KeyError, TypeError):
+        value = None
+    else:
+      value = summary.get(metric)
+    out.append(np.nan if value is None else float(value))
+  return out
+
+
+def decide(suite: Suite, results: dict) -> list[dict]:
+  rows = []
+  for claim in suite.claims:
+    right_metric = claim.right_metric or claim.metric
+    left = values_of(results, claim.left, claim.metric, suite.derived)
+    right = values_of(results, claim.right, right_metric, suite.derived)
+    rows.append(
+      {
+        "claim": dataclasses.asdict(claim),
+        **reproduction.verdict(left, right, claim.predicted, claim.min_effect),
+      }
+    )
+  return rows
+
+
+def _fmt(mean, std, seeds):
+  if mean is None or not np.isfinite(mean):
+    return "-"
+  digits = 4 if abs(mean) < 10 else 0
+  text = f"{mean:.{digits}f}"
+  return text + (f" ± {std:.{digits}f}" if seeds > 1 else "")
+
+
+def write_report(suite: Suite, results: dict, out_dir: Path, runs: Path):
+  out_dir.mkdir(parents=True, exist_ok=True)
+  decisions = decide(suite, results)
+  results["claims"] = decisions
+  save_json(out_dir / "results.json", results)
+  plots = write_plots(suite, results, out_dir)
+  commits = sorted({r.get("commit", "?") for r in results["runs"]})
+  lines = [
+    f"# {suite.title}",
+    "",
+    f"{suite.question}",
+    "",
+    f"Scale `{results['scale']}`; {len(results['runs'])} runs; commit(s) "
+    f"{', '.join(commits) or '-'}; command: "
+    f"`{results.get('command', '-')}`. Regenerate this page with "
+    f"`python experiments/reproduce.py --suite={suite.name} "
+    f"--scale={results['scale']} --report_only`.",
+    "",
+    "## Verdict rule (fixed before the runs)",
+    "",
+    "Each claim predicts that a metric of one arm is lower (<) or higher (>) "
+    "than of another. d = difference of the seed means in the predicted "
+    "direction; s = pooled seed standard deviation (0 with one seed); m = the "
+    "claim's minimum effect, stated with it. d > max(2s, m): **reproduced**; "
+    "d < -max(2s, m): **not reproduced**; otherwise **inconclusive**. An arm "
+    "without finished runs: **not run**.",
+    "",
+  ]
+  if suite.notes:
+    lines += ["## Conventions", "", suite.notes, ""]
+  lines += [
+    "## Claims",
+    "",
+    "| id | claim | source | paper | metric | left | right | ours: left | "
+    "ours: right | d / threshold | verdict |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for row in decisions:
+    c = row["claim"]
+    metric = c["metric"] + (
+      f" vs {c['right_metric']}" if c.get("right_metric") else ""
+    )
+    seeds = row.get("seeds", 0)
+    d = row.get("difference")
+    d_text = "-" if d is None or not np.isfinite(d) else (
+      f"{d:+.4f} / {row['threshold']:.4f}"
+    )
+    lines.append(
+      f"| {c['id']} | {c['text']} | {c['source']} | {c['paper']} | "
+      f"{metric} ({c['predicted']}) | {c['left']} | {c['right']} | "
+      f"{_fmt(row.get('left_mean'), row.get('left_std'), seeds)} | "
+      f"{_fmt(row.get('right_mean'), row.get('right_std'), seeds)} | "
+      f"{d_text} | **{row['verdict']}** |"
+    )
+  caveats = [
+    f"- {r['claim']['id']}: {r['claim']['caveat']}"
+    for r in decisions
+    if r["claim"]["caveat"] and r["verdict"] != "reproduced"
+  ]
+  if caveats:
+    lines += ["", "Where a claim did not show, what could hide it at this "
+              "scale (written with the claim, before the runs):", "", *caveats]
+  lines += ["", "## Arms", "", *arm_table(suite, results), ""]
+  if plots:
+    lines += ["## Plots", ""]
+    lines += [f"![{title}]({Path(p).name})" for p, title in plots]
+    lines.append("")
+  lines += [
+    "## Runs",
+    "",
+    "Every run, alone: `python -m moe_jax.train --config=<config> "
+    "--workdir=<dir>` with these configs:",
+    "",
+  ]
+  for run in results["runs"]:
+    status = run["status"] + (
+      f" at step {run['diverged_step']}" if run.get("diverged_step") else ""
+    )
+    lines.append(f"- `{run['config']}` ({status}, {run['seconds'] / 60:.1f} "
+                 f"min, commit {run.get('commit', '?')})")
+  (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+_ARM_COLUMNS = (
+  "eval_loss",
+  "train_loss",
+  "load_cv",
+  "max_violation_batch",
+  "max_violation_global",
+  "drop_fraction",
+  "dead_experts",
+  "router_logsumexp",
+  "max_router_logit",
+  "loss_spikes",
+  "stable",
+  "tokens_per_second",
+)
+
+
+def arm_table(suite: Suite, results: dict) -> list[str]:
+  """Mean ± std over seeds of the main metrics of every arm that ran."""
+  arms = [a for a in suite.arms_at(results["scale"])]
+  extra = sorted(
+    {
+      k
+      for r in results["runs"]
+      for k in r["summary"]
+      if "@" in k and k.split("@")[0] in ("eval_loss", "drop_fraction")
+    }
+  )
+  present = [
+    c
+    for c in (*_ARM_COLUMNS, *extra, *suite.derived)
+    if any(values_of(results, a.name, c, suite.derived) and np.isfinite(
+      values_of(results, a.name, c, suite.derived)).any() for a in arms)
+  ]
+  lines = [
+    "| arm | seeds | " + " | ".join(present) + " |",
+    "|---|---|" + "---|" * len(present),
+  ]
+  for arm in arms:
+    runs = [r for r in results["runs"] if r["arm"] == arm.name]
+    if not runs:
+      continue
+    cells = []
+    for column in present:
+      v = np.asarray(values_of(results, arm.name, column, suite.derived))
+      ok = v[np.isfinite(v)]
+      cells.append(
+        _fmt(ok.mean(), ok.std(ddof=1) if ok.size > 1 else 0.0, ok.size)
+        if ok.size
+        else "-"
+      )
+    lines.append(f"| {arm.label or arm.name} | {len(runs)} | "
+                 + " | ".join(cells) + " |")
+  return lines
+
+
+def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
+  """Eval loss and each of the suite's plots over training, one line per arm
+  (mean over seeds at the steps all seeds logged). Returns [(path, title)]."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  specs = [
+    reproduction.Plot(
+      "eval/lm_loss", "Validation loss over training",
+      "validation loss (nats / byte)",
+    ),
+    *suite.plots,
+  ]
+  arms = suite.arms_at(results["scale"])
+  cmap = plt.get_cmap("tab20" if len(arms) > 10 else "tab10")
+  out = []
+  for index, spec in enumerate(specs):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for i, arm in enumerate(arms):
+      curves = []
+      for run in results["runs"]:
+        if run["arm"] != arm.name:
+          continue
+        try:
+          rows = writers.read_metrics(run["workdir"])
+        except FileNotFoundError:
+          continue
+        curves.append(reproduction.series(rows, spec.key))
+      curves = [c for c in curves if c[0].size]
+      if not curves:
+        continue
+      steps = curves[0][0]
+      for s, _ in curves[1:]:
+        steps = np.intersect1d(steps, s)
+      if not steps.size:
+        continue
+      mean = np.mean(
+        [v[np.isin(s, steps)] for s, v in curves], axis=0
+      )
+      ax.plot(steps, mean, color=cmap(i % cmap.N), label=arm.label or arm.name,
+              marker="o" if steps.size < 8 else None)
+      drawn = True
+    plt.close(fig) if not drawn else None
+    if not drawn:
+      continue
+    ax.set_title(f"{suite.name}: {spec.title}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(spec.ylabel)
+    if spec.log_y:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(arms) > 6 else 1)
+    fig.tight_layout()
+    path = out_dir / f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', spec.key.lower()).strip('_')}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append((str(path), spec.title))
+  for extra in suite.extra_plots:
+    path, title = extra(results, out_dir)
+    if path:
+      out.append((path, title))
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--suite", required=True, help="a suite name or 'all'")
+  parser.add_argument(
+    "--scale", default="cpu", choices=reproduction.SCALES
+  )
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds per arm (default: the suite's for the scale)")
+  parser.add_argument("--results", default=str(REPO / "results"))
+  parser.add_argument("--runs", default=str(REPO / "runs" / "reproduce"))
+  parser.add_argument("--plan", action="store_true",
+                      help="print the predicted costs and stop")
+  parser.add_argument("--no_probe", dest="probe", action="store_false",
+                      help="skip the cost prediction")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite report.md and plots from results.json")
+  args = parser.parse_args(argv)
+  names = suite_names() if args.suite == "all" else args.suite.split(",")
+  for name in names:
+    load_suite(name)  # unknown names fail before anything runs
+  for name in names:
+    run_suite(name, args)
+    print(f"report: {Path(args.results) / name / 'report.md'}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,202 @@
+"""Tests of moe_jax.reproduction: the verdict rule by hand, argument
+parsing, run summaries on hand-made metric logs, and every suite's arms and
+claims (configs/reproduce/)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_jax import reproduction
+from moe_jax.models import TransformerConfig
+from moe_jax.reproduction import Arm, Claim, Suite
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import reproduce  # noqa: E402
+
+SUITES = reproduce.suite_names()
+
+
+# ---- the verdict rule ------------------------------------------------------
+
+
+def test_verdict_one_seed_uses_min_effect():
+  # predicted left < right; d = 2.0 - 1.9 = 0.1 > m = 0.05
+  got = reproduction.verdict([1.9], [2.0], "<", 0.05)
+  assert got["verdict"] == "reproduced"
+  assert got["difference"] == pytest.approx(0.1)
+  assert got["threshold"] == 0.05
+  # d = 0.1 < m = 0.2: inconclusive; the opposite direction beyond m: not
+  assert reproduction.verdict([1.9], [2.0], "<", 0.2)["verdict"] == (
+    "inconclusive"
+  )
+  assert reproduction.verdict([2.3], [2.0], "<", 0.2)["verdict"] == (
+    "not reproduced"
+  )
+
+
+def test_verdict_seed_noise_by_hand():
+  """left 1.0, 1.2 (mean 1.1, std 0.1414); right 1.5, 1.7 (mean 1.6, std
+  0.1414): pooled s = 0.1414, 2s = 0.2828; d = 0.5 > 0.2828."""
+  got = reproduction.verdict([1.0, 1.2], [1.5, 1.7], "<", 0.01)
+  assert got["verdict"] == "reproduced"
+  assert got["left_std"] == pytest.approx(math.sqrt(0.02))
+  assert got["threshold"] == pytest.approx(2 * math.sqrt(0.02))
+  # The same means with a wide spread: 1.0, 3.0 vs 0.5, 2.7 -> s ~ 1.5
+  wide = reproduction.verdict([0.1, 2.1], [0.6, 2.6], "<", 0.01)
+  assert wide["difference"] == pytest.approx(0.5)
+  assert wide["verdict"] == "inconclusive"
+  # ">" flips the sign of d
+  assert reproduction.verdict([1.6], [1.1], ">", 0.1)["verdict"] == (
+    "reproduced"
+  )
+
+
+def test_verdict_missing_and_nonfinite():
+  assert reproduction.verdict([], [1.0], "<", 0.1)["verdict"] == "not run"
+  assert reproduction.verdict([np.nan], [1.0], "<", 0.1)["verdict"] == (
+    "inconclusive"
+  )
+
+
+def test_claim_rejects_bad_direction_and_effect():
+  with pytest.raises(ValueError, match="predicted='<='"):
+    Claim("x", "t", "s", "p", "eval_loss", "a", "b", "<=", 0.1)
+  with pytest.raises(ValueError, match="min_effect=-1"):
+    Claim("x", "t", "s", "p", "eval_loss", "a", "b", "<", -1)
+
+
+def test_suite_checks_claim_arms():
+  suite = Suite(
+    "s", "t", "q", lambda scale: [Arm("a", "")], {"cpu": 1},
+    [Claim("x", "t", "s", "p", "eval_loss", "a", "missing", "<", 0.1)],
+  )
+  with pytest.raises(ValueError, match="names arm 'missing'"):
+    suite.arms_at("cpu")
+
+
+# ---- arguments ---------------------------------------------------------------
+
+
+def test_parse_arg_types():
+  assert reproduction.parse_arg("top_k=2,alpha=1e-2,router=switch,x=True") == {
+    "top_k": 2, "alpha": 0.01, "router": "switch", "x": True,
+  }
+  assert reproduction.parse_arg("") == {}
+  with pytest.raises(ValueError, match="not key=value"):
+    reproduction.parse_arg("top_k")
+  with pytest.raises(ValueError, match="given twice"):
+    reproduction.parse_arg("a=1,a=2")
+
+
+def test_take_args_names_allowed_keys():
+  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['tpo_k'\]"):
+    reproduction.take_args("tpo_k=2", {"top_k": 1, "scale": "cpu"})
+  with pytest.raises(ValueError, match="scale='huge'"):
+    reproduction.take_args("scale=huge", {"scale": "cpu"})
+
+
+# ---- summaries of hand-made logs ---------------------------------------------
+
+
+def test_count_spikes_by_hand():
+  # medians of the 5 before: index 5 -> 2.0 (2.5 > 2.4: spike); index 6 ->
+  # median(2,2,2,2,2.5) = 2.0, 2.1 < 2.4: none
+  losses = np.array([2.0, 2.0, 2.0, 2.0, 2.0, 2.5, 2.1])
+  assert reproduction.count_spikes(losses) == 1
+  assert reproduction.count_spikes(losses, ratio=1.3) == 0
+
+
+def test_train_tokens_per_second_skips_compile_and_eval_intervals():
+  config = {"data": {"batch_size": 2, "seq_len": 5}, "train": {"eval_every": 20}}
+  rows = [
+    {"step": 10, "train/seconds_since_last_log": 50.0},  # compiles
+    {"step": 20, "train/seconds_since_last_log": 1.0},  # 100 tokens/s
+    {"step": 30, "train/seconds_since_last_log": 9.0},  # starts at eval 20
+    {"step": 40, "train/seconds_since_last_log": 0.5},  # 200 tokens/s
+    {"step": 50, "train/seconds_since_last_log": 9.0},  # starts at eval 40
+    {"step": 60, "train/seconds_since_last_log": 0.25},  # 400 tokens/s
+  ]
+  assert reproduction.train_tokens_per_second(rows, config) == 200.0
+
+
+def _write_run(path, rows, eval_every=10):
+  path.mkdir(parents=True)
+  config = {"data": {"batch_size": 1, "seq_len": 10},
+            "train": {"eval_every": eval_every}}
+  (path / "config.json").write_text(json.dumps(config))
+  (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+
+
+def test_summarize_run_averages_layers(tmp_path):
+  rows = [
+    {"step": 5, "train/lm_loss": 3.0, "train/seconds_since_last_log": 2.0,
+     "train/moe/layer_01/router_logit_max_abs": 4.0,
+     "train/moe/layer_03/router_logit_max_abs": 6.0},
+    {"step": 10, "train/lm_loss": 2.0, "train/seconds_since_last_log": 1.0,
+     "train/moe/layer_01/router_logit_max_abs": 9.0,
+     "train/moe/layer_03/router_logit_max_abs": 1.0},
+    {"step": 10, "eval/lm_loss": 1.5,
+     "eval/moe/layer_01/load_cv": 0.2, "eval/moe/layer_03/load_cv": 0.4,
+     "eval/moe/layer_01/drop_fraction": 0.0,
+     "eval/moe/layer_03/drop_fraction": 0.1},
+  ]
+  _write_run(tmp_path / "r", rows)
+  s = reproduction.summarize_run(str(tmp_path / "r"))
+  assert s["eval_loss"] == 1.5 and s["eval_step"] == 10
+  assert s["load_cv"] == pytest.approx(0.3) and s["load_cv_worst"] == 0.4
+  assert s["drop_fraction"] == pytest.approx(0.05)
+  assert s["train_loss"] == pytest.approx(2.5)  # mean of the logged 3.0, 2.0
+  # per step: layer mean 5.0 then 5.0; the largest mean
+  assert s["max_router_logit"] == 5.0
+  # 5 steps x 10 tokens in 1 s (the first interval compiles)
+  assert s["tokens_per_second"] == 50.0
+
+
+def test_series_averages_layers_per_step():
+  rows = [
+    {"step": 1, "train/moe/layer_01/x": 1.0, "train/moe/layer_03/x": 3.0},
+    {"step": 2, "eval/lm_loss": 2.0},
+    {"step": 3, "train/moe/layer_01/x": 5.0, "train/moe/layer_03/x": 7.0},
+  ]
+  steps, values = reproduction.series(rows, "train/moe/*/x")
+  assert steps.tolist() == [1, 3] and values.tolist() == [2.0, 6.0]
+
+
+# ---- every suite -------------------------------------------------------------
+
+
+def test_there_are_suites():
+  assert {
+    "switch_balance", "switch_capacity", "switch_experts",
+    "switch_init_precision", "glam", "st_moe_zloss", "loss_free",
+    "expert_choice_causality",
+  } <= set(SUITES)
+
+
+@pytest.mark.parametrize("name", SUITES)
+@pytest.mark.parametrize("scale", reproduction.SCALES)
+def test_every_arm_builds_at_every_scale(name, scale):
+  """Each arm's config validates (MoeConfig checks every field) and has
+  the scale's step count; claims name existing arms and known metrics."""
+  module = reproduce.load_suite(name)
+  suite = module.SUITE
+  arms = suite.arms_at(scale)
+  assert arms
+  for arm in arms:
+    config = module.get_config(f"{arm.args},scale={scale},seed=1")
+    assert config.seed == 1
+    assert config.train.num_steps == module.STEPS[scale]
+    TransformerConfig.from_config(config, 256)  # validates the MoE config
+  for claim in suite.claims:
+    for metric in (claim.metric, claim.right_metric or claim.metric):
+      base = metric.split("@")[0]
+      assert base in suite.derived or base in (
+        "eval_loss", "train_loss", "loss_spikes", "stable",
+        "max_router_logit", "tokens_per_second",
+        *reproduction.LAYER_METRICS,
+      ), (claim.id, metric)
