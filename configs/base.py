@@ -94,6 +94,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.top_expert_groups = 1
   config.model.moe.expert_group_score_k = 2
   config.model.moe.routed_scaling_factor = 1.0
+  # P of its sequence-wise balance loss (moe_jax.losses.sequence_balance_loss):
+  # "deepseek_v3" (Eqs. 17-20, normalised scores s / sum_j s_j; 1 at
+  # balance) | "wang2024" (Wang 2024 Eqs. 2-3, raw sigmoid scores; about
+  # E / 2 at balance, so far stronger at the same weight).
+  config.model.moe.sequence_balance_form = "deepseek_v3"
   # Always-active shared experts beside the routed ones, for any router
   # (DeepSeek-V3 Eq. 12); width 0 = expert_dim.
   config.model.moe.num_shared_experts = 0
@@ -109,8 +114,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # CV^2 losses sown by the noisy routers (Shazeer 2017 or V-MoE form).
   config.loss.importance_loss_weight = 0.0
   config.loss.load_loss_weight = 0.0
-  # alpha of DeepSeek-V3's sequence-wise balance loss (Eqs. 17-20; §4.2:
-  # 1e-4), sown by router="deepseek" only.
+  # alpha of the sequence-wise balance loss (DeepSeek-V3 §4.2: 1e-4; Wang
+  # 2024 §4.1: 1e-3 in its own form), sown by router="deepseek" only.
   config.loss.sequence_balance_weight = 1e-4
   config.loss.layer_reduction = (
     "sum"  # over MoE layers: "sum" (Switch) | "mean"

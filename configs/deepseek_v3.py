@@ -28,7 +28,9 @@ sequence.
 The same routing balanced by the auxiliary loss alone instead of the bias
 is configs/deepseek_aux_loss.py. Logged per MoE layer:
 moe/layer_XX/max_violation_before_bias (the load TopK(s) would give) and
-max_violation_after_bias (the load with b), MaxVio of Wang 2024 Eq. 4.
+max_violation_after_bias (the load with b), MaxVio of Wang 2024 Eq. 4, per
+training batch; at evaluation each as _batch (mean over the eval batches)
+and _global (the load pooled over the eval set, Wang 2024 Table 2's).
 """
 
 import sys

@@ -5,9 +5,15 @@
 
 For each workdir it reads config.json and metrics.jsonl and reports the last
 evaluation: validation loss, its ratio to the unigram baseline, and per MoE
-layer (mean and worst layer) the dropped-token fraction, MaxVio and load CV,
-plus the training throughput (train steps only: compilation and evaluation
-intervals excluded, `moe_jax.reproduction.train_tokens_per_second`).
+layer (mean and worst layer) the dropped-token fraction, MaxVio two ways and
+load CV, plus the training throughput (train steps only: compilation and
+evaluation intervals excluded, `moe_jax.reproduction.train_tokens_per_second`).
+MaxVio_batch is the mean over the eval batches of each batch's MaxVio;
+MaxVio_global that of the expert loads pooled over the whole eval set (Wang
+2024 Table 2 reports the global one; see `moe_jax.metrics.pool_batches`).
+Runs logged before the two were split have only
+`eval/moe/layer_XX/max_violation`, which was the batch mean: it is read as
+max_violation_batch, and max_violation_global is "-".
 
 The table also shows every config key whose value differs between the
 compared runs (`seed` aside), and runs that differ only in their seed are
@@ -23,6 +29,22 @@ from pathlib import Path
 import numpy as np
 
 from moe_jax import reproduction, writers
+
+
+_COLUMNS = (
+  "drop_fraction",
+  "max_violation_batch",
+  "max_violation_global",
+  "load_cv",
+)
+# Eval names before MaxVio was split (the old name held the batch mean).
+_OLD_NAMES = {"max_violation_batch": "max_violation"}
+
+
+def _per_layer(row: dict, name: str) -> list[float]:
+  return [
+    v for k, v in row.items() if re.fullmatch(rf"eval/moe/layer_\d+/{name}", k)
+  ]
 
 
 def summarize(workdir: str) -> dict:
@@ -44,12 +66,10 @@ def summarize(workdir: str) -> dict:
     "eval loss": last["eval/lm_loss"],
     "/ unigram": last["eval/lm_loss"] / last["eval/unigram_baseline"],
   }
-  for name in ("drop_fraction", "max_violation", "load_cv"):
-    per_layer = [
-      v
-      for k, v in last.items()
-      if re.fullmatch(rf"eval/moe/layer_\d+/{name}", k)
-    ]
+  for name in _COLUMNS:
+    per_layer = _per_layer(last, name)
+    if not per_layer and name in _OLD_NAMES:
+      per_layer = _per_layer(last, _OLD_NAMES[name])
     out[name] = (np.mean(per_layer), np.max(per_layer)) if per_layer else None
   out["tokens/s"] = reproduction.train_tokens_per_second(rows, config)
   return out
@@ -171,10 +191,12 @@ def main():
   args = parser.parse_args()
   print(markdown_table(group_seeds(args.workdirs)))
   print(
-    "\ndrop_fraction, max_violation, load_cv: mean over MoE layers "
-    "(worst layer); a ± b: mean ± std over the seeds of a row; columns "
-    "between 'seeds' and 'router': the config keys that differ; tokens/s: "
-    "median over logging intervals, compilation and evaluation excluded."
+    "\ndrop_fraction, max_violation_batch (mean of the eval batches' "
+    "MaxVio), max_violation_global (MaxVio of the loads pooled over the eval "
+    "set), load_cv: mean over MoE layers (worst layer); a ± b: mean ± std "
+    "over the seeds of a row; columns between 'seeds' and 'router': the "
+    "config keys that differ; tokens/s: median over logging intervals, "
+    "compilation and evaluation excluded."
   )
   if args.plot:
     plot_losses(args.workdirs, args.plot)

@@ -541,6 +541,33 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
   return out
 
 
+def summary_table(names: list[str], results_dir: Path) -> str:
+  """Claim | paper | ours | verdict, over suites, linking each report."""
+  lines = [
+    "| suite | claim | paper | ours (left vs right) | verdict |",
+    "|---|---|---|---|---|",
+  ]
+  for name in names:
+    path = results_dir / name / "results.json"
+    if not path.exists():
+      lines.append(f"| {name} | (not run yet) | | | |")
+      continue
+    results = json.loads(path.read_text())
+    link = f"[{name}](results/{name}/report.md)"
+    for row in results.get("claims", []):
+      c, seeds = row["claim"], row.get("seeds", 0)
+      ours = (
+        f"{c['metric']}: {_fmt(row.get('left_mean'), row.get('left_std'), seeds)}"
+        f" vs {_fmt(row.get('right_mean'), row.get('right_std'), seeds)}"
+        if row["verdict"] != "not run" else "-"
+      )
+      lines.append(
+        f"| {link} | {c['id']}: {c['text']} | {c['paper']} | {ours} | "
+        f"{row['verdict']} |"
+      )
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--suite", required=True, help="a suite name or 'all'")
@@ -557,10 +584,16 @@ def main(argv=None):
                       help="skip the cost prediction")
   parser.add_argument("--report_only", action="store_true",
                       help="rewrite report.md and plots from results.json")
+  parser.add_argument("--summary", action="store_true",
+                      help="print one Markdown table of every claim of the "
+                      "suites' results (the README's) and stop")
   args = parser.parse_args(argv)
   names = suite_names() if args.suite == "all" else args.suite.split(",")
   for name in names:
     load_suite(name)  # unknown names fail before anything runs
+  if args.summary:
+    print(summary_table(names, Path(args.results)))
+    return
   for name in names:
     run_suite(name, args)
     print(f"report: {Path(args.results) / name / 'report.md'}")

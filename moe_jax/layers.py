@@ -159,6 +159,8 @@ class MoeConfig:
   top_expert_groups: int = 1
   expert_group_score_k: int = 2
   routed_scaling_factor: float = 1.0
+  # P of the sequence-wise balance loss: losses.SEQUENCE_BALANCE_FORMS.
+  sequence_balance_form: str = "deepseek_v3"
   # Always-active shared experts, for any router (0: none; width 0:
   # expert_dim).
   num_shared_experts: int = 0
@@ -247,6 +249,19 @@ class MoeConfig:
         f"num_expert_groups={self.num_expert_groups}, top_expert_groups="
         f"{self.top_expert_groups}: group-limited routing needs "
         f"router='deepseek' (got router={self.router!r}); use 1 and 1."
+      )
+    _choice(
+      "sequence_balance_form",
+      self.sequence_balance_form,
+      losses.SEQUENCE_BALANCE_FORMS,
+    )
+    if self.router != "deepseek" and self.sequence_balance_form != (
+      "deepseek_v3"
+    ):
+      raise ValueError(
+        f"sequence_balance_form={self.sequence_balance_form!r} chooses the "
+        "sequence-wise balance loss of router='deepseek', which router="
+        f"{self.router!r} does not sow; leave it at 'deepseek_v3'."
       )
     if not self.routed_scaling_factor > 0 or self.bias_update_rate < 0:
       raise ValueError(
@@ -554,7 +569,8 @@ def _random(layer, inputs):
 def _deepseek(layer, inputs, logits_GSE):
   """DeepSeek-V3: sigmoid scores, TopK(s + b) within the kept expert groups,
   normalised unbiased gates; b lives in `router_state` and moves after each
-  training call; the sequence-wise balance loss; MaxVio before and after b.
+  training call; the sequence-wise balance loss in the form
+  `sequence_balance_form`; the choice counts and MaxVio before and after b.
   """
   cfg = layer.config
   E, (B, L) = cfg.num_experts, inputs.batch_length
@@ -581,22 +597,25 @@ def _deepseek(layer, inputs, logits_GSE):
   )
   load_E = deepseek.expert_load(route.expert_index_GSK, E, inputs.mask_GS)
   unbiased_load_E = deepseek.expert_load(unbiased_index_GSK, E, inputs.mask_GS)
-  layer.sow(
-    "moe_metrics",
-    "max_violation_before_bias",
-    deepseek.max_violation(unbiased_load_E),
-  )
-  layer.sow(
-    "moe_metrics", "max_violation_after_bias", deepseek.max_violation(load_E)
-  )
+  # The counts travel too, so evaluation can pool them over its batches
+  # (MaxVio_global, `metrics.pool_batches`).
+  for when, load in (("before", unbiased_load_E), ("after", load_E)):
+    layer.sow("moe_metrics", f"expert_counts_{when}_bias", load)
+    layer.sow(
+      "moe_metrics",
+      f"max_violation_{when}_bias",
+      deepseek.max_violation(load),
+    )
   updating = not inputs.deterministic and not layer.is_initializing()
   if updating and layer.is_mutable_collection("router_state"):
     bias.value = deepseek.bias_update(bias.value, load_E, cfg.bias_update_rate)
-  # The loss's scope is a sequence: back from groups to [B, L] rows.
+  # The loss's scope is a sequence: back from groups to [B, L] rows. It
+  # reads the raw scores s; the "deepseek_v3" form normalises them.
   loss = losses.sequence_balance_loss(
-    shapes.from_groups(route.probs_GSE, B, L),
+    shapes.from_groups(deepseek.sigmoid_scores(logits_GSE), B, L),
     shapes.from_groups(route.expert_index_GSK, B, L),
     shapes.from_groups(inputs.mask_GS, B, L),
+    form=cfg.sequence_balance_form,
   )
   return route, {"sequence_balance_loss": loss}
 

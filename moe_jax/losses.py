@@ -18,8 +18,9 @@ apply to every learned tokens-choose router. The noisy routers also sow the
 coefficient-of-variation losses of their papers: `shazeer_importance_loss`
 and `shazeer_load_loss` (Shazeer 2017, router "noisy_top_k"),
 `vmoe_importance_loss` and `vmoe_load_loss` (V-MoE, router "vmoe"). The
-DeepSeek router sows `sequence_balance_loss` (DeepSeek-V3 Eqs. 17-20),
-whose scope is one sequence instead of one group.
+DeepSeek router sows `sequence_balance_loss` (DeepSeek-V3 Eqs. 17-20, or
+Wang et al. 2024 Eqs. 2-3 by `SEQUENCE_BALANCE_FORMS`), whose scope is one
+sequence instead of one group.
 """
 
 import chex
@@ -172,39 +173,83 @@ LOAD_BALANCING_LOSSES = {
 }
 
 
+def _v3_sequence_probabilities(scores_BLE: jax.Array) -> jax.Array:
+  """s'_{i,t} = s_{i,t} / sum_j s_{j,t} (DeepSeek-V3 Eq. 19)."""
+  return scores_BLE / jnp.sum(scores_BLE, axis=-1, keepdims=True)  # Eq. 19
+
+
+def _wang_sequence_probabilities(scores_BLE: jax.Array) -> jax.Array:
+  """The raw gate scores s_{i,t} themselves (Wang et al. 2024, Eq. 3)."""
+  return scores_BLE
+
+
+# What P_i averages over the sequence's tokens, by `sequence_balance_form`.
+SEQUENCE_BALANCE_FORMS = {
+  "deepseek_v3": _v3_sequence_probabilities,
+  "wang2024": _wang_sequence_probabilities,
+}
+
+
 def sequence_balance_loss(
-  probs_BLE: jax.Array,
+  scores_BLE: jax.Array,
   expert_index_BLK: jax.Array,
   padding_mask_BL: jax.Array | None = None,
+  *,
+  form: str = "deepseek_v3",
 ) -> jax.Array:
-  """DeepSeek-V3 complementary sequence-wise balance loss (DeepSeek-AI 2024,
-  Eqs. 17-20), without its coefficient alpha, averaged over the sequences.
+  """Sequence-wise balance loss sum_i f_i P_i, without its coefficient
+  alpha, averaged over the sequences; two published forms that differ in P.
+
+  form="deepseek_v3": DeepSeek-V3's complementary sequence-wise balance loss
+  (DeepSeek-AI 2024, Eqs. 17-20), P from the normalised scores s':
 
     L_Bal = sum_i f_i P_i                                   (Eq. 17 / alpha)
     f_i = N_r / (K_r T) sum_t 1{token t chose expert i}     (Eq. 18)
     s'_{i,t} = s_{i,t} / sum_j s_{j,t}                      (Eq. 19)
     P_i = (1/T) sum_t s'_{i,t}                              (Eq. 20)
 
-  over the T real tokens of ONE sequence (the batch's rows, whatever the
-  routing groups are). "Chose" counts the expert actually selected, i.e.
-  TopK of the biased scores s + b, before capacity (the paper writes TopK of
-  s; with b = 0 they agree). Equals 1 under uniform routing for every K,
-  and N_r / K_r when a sequence collapses onto one expert. alpha = 1e-4 in
-  DeepSeek-V3 (§4.2) is `config.loss.sequence_balance_weight`.
+  form="wang2024": the auxiliary loss of the aux-loss baseline of Wang et
+  al. 2024 ("Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-
+  Experts", Eqs. 2-3), the same f but P from the RAW scores s:
+
+    L_Balance = sum_i f_i P_i,  f_i = N / (K T) sum_t 1{t chose i},
+    P_i = (1/T) sum_t s_{i,t}                                (Eqs. 2-3)
+
+  Both over the T real tokens of ONE sequence (the batch's rows, whatever
+  the routing groups are). "Chose" counts the expert actually selected, i.e.
+  TopK of the biased scores s + b, before capacity (the papers write TopK of
+  s; with b = 0 they agree).
+
+  Values: at perfect balance (every f_i = 1) the V3 form is
+  sum_i P_i = 1 for every K and every s, and N_r / K_r when a sequence
+  collapses onto K_r experts that hold all of s'. The Wang form at balance
+  is sum_i P_i = N * mean(s): with sigmoid scores near 0.5 that is N / 2,
+  8 at N = 16 (with K = 4 or any K), 8 times the V3 form; its gradient is
+  correspondingly larger (see tests/test_deepseek.py), so the same alpha
+  means a far stronger loss. alpha = 1e-4 in DeepSeek-V3 (§4.2) and 1e-3 in
+  Wang 2024 (§4.1) is `config.loss.sequence_balance_weight`.
 
   Args:
-    probs_BLE: s', the normalised sigmoid scores (rows sum to 1).
+    scores_BLE: s, the raw sigmoid scores (the V3 form normalises them;
+      already normalised rows are left as they are).
     expert_index_BLK: the chosen experts.
     padding_mask_BL: 1 for real tokens.
+    form: a key of `SEQUENCE_BALANCE_FORMS`.
   """
-  chex.assert_equal_shape_prefix([probs_BLE, expert_index_BLK], 2)
-  E, K = probs_BLE.shape[-1], expert_index_BLK.shape[-1]
+  if form not in SEQUENCE_BALANCE_FORMS:
+    raise ValueError(
+      f"unknown sequence_balance_form={form!r}; allowed: "
+      f"{sorted(SEQUENCE_BALANCE_FORMS)}."
+    )
+  chex.assert_equal_shape_prefix([scores_BLE, expert_index_BLK], 2)
+  E, K = scores_BLE.shape[-1], expert_index_BLK.shape[-1]
   # A sequence is a group of the per-group helpers: [B, L] plays [G, S].
-  mask_BL = _real_tokens(padding_mask_BL, probs_BLE.shape[:2])
+  mask_BL = _real_tokens(padding_mask_BL, scores_BLE.shape[:2])
   counts_BE = dispatch_fraction(expert_index_BLK, E, mask_BL)  # (1/T) sum 1
-  f_BE = (E / K) * counts_BE  # Eq. 18
-  P_BE = mean_probability(probs_BLE, mask_BL)  # Eq. 20
-  loss_B = jnp.sum(f_BE * P_BE, axis=-1)  # Eq. 17
+  f_BE = (E / K) * counts_BE  # V3 Eq. 18; Wang Eq. 2
+  probs_BLE = SEQUENCE_BALANCE_FORMS[form](scores_BLE.astype(jnp.float32))
+  P_BE = mean_probability(probs_BLE, mask_BL)  # V3 Eq. 20; Wang Eq. 3
+  loss_B = jnp.sum(f_BE * P_BE, axis=-1)  # V3 Eq. 17; Wang Eq. 2
   return _mean_over_groups(loss_B, mask_BL)
 
 

@@ -5,6 +5,8 @@ Shapes (see `moe_jax.shapes`): `routing.Routing` fields `[G, S, K]` and
 are computed over the whole batch (all groups together); the trainer
 reports each per layer. Definitions:
 
+- expert_counts (vector of E): c_e, how many of the batch's routed choices
+  (real tokens, before capacity) picked expert e.
 - expert_fraction (vector of E, sums to 1): f_e = c_e / (T K), the share of
   the batch's routed choices (before capacity) that picked expert e.
 - load_cv: std / mean of the choice counts c_e (population std); 0 is
@@ -27,10 +29,20 @@ max_violation are 0 up to padding), drop_fraction is the share of tokens no
 expert took, and instead of per-rank drops it reports the number of experts
 per token (experts_per_token_min / _max / _mean) and
 tokens_with_at_least_{n}_experts for n = 1 .. min(E, 4).
+
+Batch and global MaxVio. Each of these is one batch's; the trainer logs them
+per training step as they are. An evaluation over several batches goes
+through `pool_batches`, which reports MaxVio two ways (Wang 2024 Table 2
+reports the second): `max_violation_batch`, the mean over batches of each
+batch's MaxVio, and `max_violation_global`, the MaxVio of the counts pooled
+over all the batches. The pooled counts balance better than each batch
+does (sampling noise cancels), so the global value is the smaller one when
+every batch holds as many choices: compare like with like.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_jax.routing import Routing
 
@@ -48,6 +60,7 @@ def _load_metrics(counts_E: jax.Array) -> dict[str, jax.Array]:
   mean_count = jnp.maximum(jnp.mean(counts_E), 1e-9)
   fraction_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1e-9)
   return {
+    "expert_counts": counts_E,
     "expert_fraction": fraction_E,
     "load_cv": jnp.std(counts_E) / mean_count,
     "max_violation": (jnp.max(counts_E) - jnp.mean(counts_E)) / mean_count,
@@ -120,3 +133,51 @@ def expert_choice_metrics(
       jnp.sum(at_least_GS) / num_tokens
     )
   return metrics
+
+
+COUNTS = "expert_counts"  # c_e of `_load_metrics` (and the DeepSeek layer)
+MAX_VIOLATION = "max_violation"
+
+
+def pool_batches(per_batch: list[dict]) -> dict[str, np.ndarray]:
+  """One evaluation's metrics from those of its batches (host NumPy).
+
+  Metric names are "prefix/name" ("moe/layer_01/max_violation"), "name"
+  without a prefix. By name:
+
+  - expert_counts{suffix} (c_e, vector E): summed over the batches, the
+    counts of the whole evaluation set;
+  - max_violation{suffix}: renamed max_violation{suffix}_batch, the mean over
+    batches of each batch's MaxVio;
+  - max_violation{suffix}_global, added for each expert_counts{suffix}: MaxVio
+    (Wang 2024 Eq. 4) of the summed counts, MaxVio_global of Wang 2024
+    Table 2;
+  - every other metric: its mean over the batches.
+
+  The suffix ("", "_before_bias", "_after_bias") pairs counts with their
+  MaxVio.
+
+  Args:
+    per_batch: one dict of metrics per batch, the same keys in each.
+
+  Returns:
+    The pooled metrics, float64 where computed here.
+  """
+  out = {}
+  for key in per_batch[0]:
+    values = np.stack([np.asarray(m[key], np.float64) for m in per_batch])
+    prefix, _, name = key.rpartition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    if name.startswith(COUNTS):
+      counts_E = values.sum(axis=0)  # pooled c_e
+      suffix = name.removeprefix(COUNTS)
+      mean = counts_E.mean()
+      out[key] = counts_E
+      out[f"{prefix}{MAX_VIOLATION}{suffix}_global"] = (
+        counts_E.max() - mean
+      ) / max(mean, 1e-9)  # Wang 2024 Eq. 4 on the pooled counts
+    elif name.startswith(MAX_VIOLATION):
+      out[f"{key}_batch"] = values.mean(axis=0)
+    else:
+      out[key] = values.mean(axis=0)
+  return out

@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from moe_jax import data, plotting, sharding, writers
+from moe_jax import data, metrics, plotting, sharding, writers
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -230,9 +230,12 @@ def eval_variables(state: TrainState) -> dict[str, Any]:
 
 
 def evaluate(eval_fn, variables, batches) -> dict[str, Any]:
-  """Mean of each eval metric over the fixed validation batches."""
+  """The eval metrics over the fixed validation batches: the mean of each
+  over the batches, except the expert counts, which are summed, and MaxVio,
+  reported both as the mean of the batches' (`max_violation_batch`) and of
+  the summed counts (`max_violation_global`); see `metrics.pool_batches`."""
   per_batch = [jax.device_get(eval_fn(variables, b)) for b in batches]
-  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
+  return metrics.pool_batches(per_batch)
 
 
 def _host_metrics(prefix: str, logged: dict) -> dict[str, Any]:
@@ -374,12 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _report(writer, bar, step, logged, seconds):
-  metrics = _host_metrics("train", logged)
-  if not np.isfinite(metrics["train/loss"]):
-    raise FloatingPointError(f"loss is {metrics['train/loss']} at step {step}.")
-  metrics["train/seconds_since_last_log"] = seconds
-  writer.write(step, metrics)
-  bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}")
+  host = _host_metrics("train", logged)
+  if not np.isfinite(host["train/loss"]):
+    raise FloatingPointError(f"loss is {host['train/loss']} at step {step}.")
+  host["train/seconds_since_last_log"] = seconds
+  writer.write(step, host)
+  bar.set_postfix(loss=f"{host['train/lm_loss']:.3f}")
 
 
 def _print_summary(last_eval, baseline, plot_path):
@@ -393,8 +396,9 @@ def _print_summary(last_eval, baseline, plot_path):
     f"{baseline:.4f}: {loss / baseline:.1%} of it"
   )
   for key in sorted(last_eval):
-    if key.endswith(
-      ("/drop_fraction", "/max_violation", "/router_entropy", "_bias")
+    name = key.rpartition("/")[2]
+    if name in ("drop_fraction", "router_entropy") or (
+      name.startswith("max_violation")
     ):
       print(f"  {key:48s} {last_eval[key]:.4f}")
   print(f"plot: {plot_path}")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_jax import data, deepseek, losses, train
+from moe_jax import data, deepseek, losses, train, writers
 from moe_jax.layers import MoeConfig, MoeLayer
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -173,6 +173,11 @@ def test_gates_are_normalised_and_scaled(scale):
     (dict(router="top_k", num_expert_groups=2), "router='deepseek'"),
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0"),
     (dict(bias_update_rate=-1.0), "bias_update_rate=-1.0"),
+    (dict(sequence_balance_form="wang"), "sequence_balance_form='wang'"),
+    (
+      dict(router="top_k", sequence_balance_form="wang2024"),
+      "sequence_balance_form='wang2024'",
+    ),
   ],
 )
 def test_bad_deepseek_configs_name_the_value(kwargs, message):
@@ -200,8 +205,14 @@ def test_max_violation_by_hand():
 # Sequence-wise balance loss.
 
 
-def _numpy_sequence_loss(probs_BLE, index_BLK, mask_BL):
-  B, L, E = probs_BLE.shape
+def _numpy_sequence_loss(scores_BLE, index_BLK, mask_BL, form="deepseek_v3"):
+  """float64 sum_i f_i P_i per sequence, mean over sequences with a real
+  token; P from s' = s / sum_j s (V3 Eqs. 17-20) or from s (Wang Eqs. 2-3).
+  """
+  scores_BLE = np.asarray(scores_BLE, np.float64)
+  if form == "deepseek_v3":
+    scores_BLE = scores_BLE / scores_BLE.sum(-1, keepdims=True)  # V3 Eq. 19
+  B, L, E = scores_BLE.shape
   K = index_BLK.shape[-1]
   per_sequence = []
   for b in range(B):
@@ -213,9 +224,9 @@ def _numpy_sequence_loss(probs_BLE, index_BLK, mask_BL):
     for t in np.flatnonzero(real):
       for e in index_BLK[b, t]:
         counts[e] += 1
-    f = E / (K * T) * counts  # Eq. 18
-    P = probs_BLE[b, real].sum(0) / T  # Eq. 20
-    per_sequence.append(np.sum(f * P))  # Eq. 17
+    f = E / (K * T) * counts  # V3 Eq. 18, Wang Eq. 2
+    P = scores_BLE[b, real].sum(0) / T  # V3 Eq. 20, Wang Eq. 3
+    per_sequence.append(np.sum(f * P))  # V3 Eq. 17, Wang Eq. 2
   return np.mean(per_sequence)
 
 
@@ -230,22 +241,162 @@ def test_sequence_balance_loss_by_hand():
   )
 
 
+def test_wang_sequence_loss_by_hand():
+  """Wang 2024 Eqs. 2-3, P from the raw scores. One sequence, T = 2, E = 2,
+  K = 1: s = [.6, .2] (token 0 -> e0), s = [.4, .8] (token 1 -> e1).
+  f = 2/(1*2) [1, 1] = [1, 1], P = [(.6+.4)/2, (.2+.8)/2] = [.5, .5]:
+  L = .5 + .5 = 1.0. The V3 form of the same: s' = [.75, .25], [1/3, 2/3],
+  P = [.541667, .458333], L = 1.0 too (f = 1: sum_i P_i = 1 always)."""
+  s = jnp.asarray([[[0.6, 0.2], [0.4, 0.8]]])
+  index = jnp.asarray([[[0], [1]]])
+  got = losses.sequence_balance_loss(s, index, form="wang2024")
+  np.testing.assert_allclose(got, 1.0, rtol=1e-6)
+  # Unbalanced: both tokens -> e0, f = [2, 0]: Wang 2 * .5 = 1.0, V3
+  # 2 * .541667 = 1.083333.
+  both = jnp.asarray([[[0], [0]]])
+  np.testing.assert_allclose(
+    losses.sequence_balance_loss(s, both, form="wang2024"), 1.0, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    losses.sequence_balance_loss(s, both), 2 * (0.75 + 1 / 3) / 2, rtol=1e-6
+  )
+
+
+def test_unknown_sequence_balance_form_names_the_value():
+  with pytest.raises(ValueError, match="sequence_balance_form='v3'"):
+    losses.sequence_balance_loss(
+      jnp.ones((1, 2, 2)), jnp.zeros((1, 2, 1), int), form="v3"
+    )
+
+
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**16), K=st.sampled_from([1, 2, 3]))
-def test_sequence_balance_loss_matches_float64_reference(seed, K):
+@given(
+  seed=st.integers(0, 2**16),
+  K=st.sampled_from([1, 2, 3]),
+  form=st.sampled_from(["deepseek_v3", "wang2024"]),
+)
+def test_sequence_balance_loss_matches_float64_reference(seed, K, form):
+  """Both forms on random sigmoid scores, choices and padding."""
   rng = np.random.default_rng(seed)
   B, L, E = 3, 5, 6
   s = _sigmoid64(rng.normal(size=(B, L, E)))
-  probs = s / s.sum(-1, keepdims=True)
   index = np.argsort(-rng.normal(size=(B, L, E)), -1)[..., :K]
   mask = rng.random((B, L)) < 0.7
   mask[0] = False  # an all-padding sequence does not count
   mask[1, 0] = True
   got = losses.sequence_balance_loss(
-    jnp.asarray(probs, jnp.float32), jnp.asarray(index), jnp.asarray(mask)
+    jnp.asarray(s, jnp.float32),
+    jnp.asarray(index),
+    jnp.asarray(mask),
+    form=form,
   )
-  expected = _numpy_sequence_loss(probs, index, mask)
+  expected = _numpy_sequence_loss(s, index, mask, form)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+# Perfect balance at E = 16, K = 4 (configs/deepseek_v3.py): T = 4 tokens,
+# token t chooses experts 4t .. 4t+3, so every expert is chosen once and
+# f_i = E / (K T) * 1 = 16 / 16 = 1 for all i.
+_E16, _K4 = 16, 4
+_BALANCED_INDEX = jnp.arange(_E16).reshape(1, 4, _K4)
+
+
+@pytest.mark.parametrize(
+  "form, expected",
+  [
+    # V3: P_i = mean_t s / sum_j s = .5 / 8 = 1/16; L = 16 * 1 * 1/16 = 1.
+    ("deepseek_v3", 1.0),
+    # Wang: P_i = mean_t s = .5; L = 16 * 1 * .5 = E / 2 = 8.
+    ("wang2024", 8.0),
+  ],
+)
+def test_sequence_loss_at_balance_with_scores_one_half(form, expected):
+  """Sigmoid scores 0.5 (logits 0) under perfect balance, E = 16, K = 4."""
+  s = deepseek.sigmoid_scores(jnp.zeros((1, 4, _E16)))
+  got = losses.sequence_balance_loss(s, _BALANCED_INDEX, form=form)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _logit_gradients(logits, index):
+  """d L / d z of both forms, through s = sigmoid(z)."""
+  return {
+    form: np.asarray(
+      jax.grad(
+        lambda z: losses.sequence_balance_loss(
+          deepseek.sigmoid_scores(z), index, form=form
+        )
+      )(logits),
+      np.float64,
+    )
+    for form in ("deepseek_v3", "wang2024")
+  }
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_logit_gradients_at_scores_one_half_by_hand(balanced):
+  """Logits 0 (s = .5, sigma' = .25), one sequence of T = 4 tokens, E = 16,
+  K = 4; f fixed by the choices (no gradient through TopK). Differentiating
+  L = sum_i f_i P_i by hand:
+
+    Wang:  dL/dz_{j,t} = f_j sigma'(z_j) / T           = f_j / 16
+    V3:    dL/dz_{j,t} = sigma' (f_j - sum_i f_i s'_i) / (T sum_i s_i)
+                       = .25 (f_j - 1) / (4 * 8)       = (f_j - 1) / 128
+
+  (sum_i f_i s'_i = sum_i f_i / 16 = 1, as sum_i f_i = E). So Wang's
+  gradient minus its mean over experts (1/16) is exactly sum_i s_i = 8
+  times V3's. Balanced (f = 1): V3's gradient is 0, Wang's a uniform 1/16.
+  Collapsed (every token -> experts 0..3: f = 4 there, 0 elsewhere): per
+  token ||Wang||^2 = 4 * (4/16)^2 = 1/4 and ||V3||^2 = (4 * 3^2 + 12 * 1^2)
+  / 128^2 = 48 / 16384, so the norm ratio is sqrt(16384 / 192) = 16 /
+  sqrt(3) = 9.2376."""
+  if balanced:
+    index = _BALANCED_INDEX
+  else:
+    index = jnp.broadcast_to(jnp.arange(_K4), (1, 4, _K4))
+  f = np.zeros(_E16)
+  np.add.at(f, np.asarray(index).ravel(), 1.0)
+  f *= _E16 / (_K4 * 4)  # Eq. 18 / Wang Eq. 2
+  grads = _logit_gradients(jnp.zeros((1, 4, _E16)), index)
+  np.testing.assert_allclose(
+    grads["wang2024"], np.broadcast_to(f / 16, (1, 4, _E16)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    grads["deepseek_v3"],
+    np.broadcast_to((f - 1) / 128, (1, 4, _E16)),
+    rtol=1e-5,
+    atol=1e-9,
+  )
+  centred = grads["wang2024"] - grads["wang2024"].mean(-1, keepdims=True)
+  np.testing.assert_allclose(centred, 8 * grads["deepseek_v3"], atol=1e-8)
+  if not balanced:
+    ratio = np.linalg.norm(grads["wang2024"]) / np.linalg.norm(
+      grads["deepseek_v3"]
+    )
+    np.testing.assert_allclose(ratio, 16 / np.sqrt(3), rtol=1e-5)  # 9.2376
+
+
+def test_logit_gradient_ratio_near_one_half():
+  """Random logits N(0, 0.1^2) (s = .45 .. .55), B = 4 sequences of 64
+  tokens, E = 16, choices TopK(s) with K = 4. The gradient component that
+  tells experts apart (minus its per-token mean over experts, which shifts
+  every score of a token alike and so never changes a choice) of Wang's
+  form is sum_i s_i ~ E / 2 = 8 times V3's, as at s = .5 exactly (above):
+  within 7.5 .. 8.5. The whole gradient is larger still: at least
+  8 / sqrt(1 - K / E) = 9.24 at s = .5 for any choices (equality when a
+  sequence collapses; near balance V3's gradient vanishes), so > 9."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(0.1 * rng.normal(size=(4, 64, _E16)), jnp.float32)
+  _, index = jax.lax.top_k(logits, _K4)
+  grads = _logit_gradients(logits, index)
+  centred = {k: g - g.mean(-1, keepdims=True) for k, g in grads.items()}
+  ratio = np.linalg.norm(centred["wang2024"]) / np.linalg.norm(
+    centred["deepseek_v3"]
+  )
+  assert 7.5 < ratio < 8.5, ratio
+  whole = np.linalg.norm(grads["wang2024"]) / np.linalg.norm(
+    grads["deepseek_v3"]
+  )
+  assert whole > 9.0, whole
 
 
 # ---------------------------------------------------------------------------
@@ -279,13 +430,16 @@ def _init_layer(config, x_BLD):
   return layer, nn.unbox(variables["params"]), variables.get("router_state", {})
 
 
-def test_layer_routes_with_the_old_bias_then_updates_it():
+@pytest.mark.parametrize("form", ["deepseek_v3", "wang2024"])
+def test_layer_routes_with_the_old_bias_then_updates_it(form):
   """A training call routes with b (the bias of earlier steps) and returns
   b + u sign(mean load - load) from its own choices; an eval call leaves b
   as it is. The sown sequence loss is per sequence (groups of 16 tokens
-  hold 2 sequences of 8) and matches the float64 reference."""
+  hold 2 sequences of 8), in the configured form, and matches the float64
+  reference; the sown counts are the loads after and before b."""
   x_BLD = jax.random.normal(jax.random.key(1), (4, 8, D))
-  layer, params, router_state = _init_layer(_layer_config(), x_BLD)
+  config = _layer_config(sequence_balance_form=form)
+  layer, params, router_state = _init_layer(config, x_BLD)
   np.testing.assert_array_equal(router_state["bias"], np.zeros(E))
   bias = jnp.asarray(np.linspace(-0.05, 0.05, E), jnp.float32)
   _, sown = layer.apply(
@@ -305,17 +459,30 @@ def test_layer_routes_with_the_old_bias_then_updates_it():
   np.testing.assert_allclose(
     sown["router_state"]["bias"], expected_bias, rtol=1e-6
   )
-  s = _sigmoid64(logits_BLE)
   np.testing.assert_allclose(
     sown["aux_loss"]["sequence_balance_loss"][0],
     _numpy_sequence_loss(
-      s / s.sum(-1, keepdims=True), index_BLK, np.ones((4, 8))
+      _sigmoid64(logits_BLE), index_BLK, np.ones((4, 8)), form
     ),
     rtol=1e-5,
   )
   metrics = sown["moe_metrics"]
   after = (load.max() - load.mean()) / load.mean()
   np.testing.assert_allclose(metrics["max_violation_after_bias"][0], after)
+  np.testing.assert_array_equal(metrics["expert_counts_after_bias"][0], load)
+  unbiased = np.asarray(
+    deepseek.select_experts(
+      deepseek.sigmoid_scores(logits_BLE),
+      jnp.zeros(E),
+      2,
+      num_groups=4,
+      top_groups=2,
+    )
+  )
+  np.testing.assert_array_equal(
+    metrics["expert_counts_before_bias"][0],
+    np.bincount(unbiased.ravel(), minlength=E),
+  )
   _, evaluated = layer.apply(
     {"params": params, "router_state": {"bias": bias}},
     x_BLD,
@@ -397,6 +564,18 @@ def _tiny(module, data_dir, **train_overrides):
   return config
 
 
+def test_aux_loss_config_is_wangs_baseline():
+  """configs/deepseek_aux_loss.py: Wang 2024's loss (Eqs. 2-3, raw scores)
+  with alpha = 1e-3 (§4.1) and no bias; configs/deepseek_v3.py keeps V3's
+  complementary loss (Eqs. 17-20) with alpha = 1e-4 (§4.2)."""
+  aux, v3 = deepseek_aux_loss.get_config(), deepseek_v3.get_config()
+  assert aux.model.moe.sequence_balance_form == "wang2024"
+  assert aux.loss.sequence_balance_weight == 1e-3
+  assert aux.model.moe.bias_update_rate == 0.0
+  assert v3.model.moe.sequence_balance_form == "deepseek_v3"
+  assert v3.loss.sequence_balance_weight == 1e-4
+
+
 def test_fine_grained_and_shared_expert_shapes(data_dir):
   """Expert width F is independent of the dense FFN width (fine-grained
   experts): the dense blocks keep mlp_dim, experts and the shared expert
@@ -465,6 +644,13 @@ def test_resumed_run_keeps_the_bias_exactly(tmp_path, data_dir, monkeypatch):
   )
   config.model.moe.bias_update_rate = 1e-2
   straight, resumed = run_straight_and_resumed(config, tmp_path, monkeypatch)
+  # Evaluation reports MaxVio before and after b per batch and pooled.
+  rows = writers.read_metrics(str(straight))
+  last_eval = [r for r in rows if "eval/loss" in r]
+  for when in ("before", "after"):
+    key = f"eval/moe/layer_01/max_violation_{when}_bias"
+    assert last_eval[-1][f"{key}_global"] <= last_eval[-1][f"{key}_batch"]
+    assert key not in last_eval[-1]
   state_a, _ = _final_params(straight, config)
   state_b, _ = _final_params(resumed, config)
   bias_a = np.asarray(state_a.router_state["layer_01"]["moe"]["bias"])
@@ -475,12 +661,13 @@ def test_resumed_run_keeps_the_bias_exactly(tmp_path, data_dir, monkeypatch):
 
 def test_bias_balancing_beats_the_aux_loss_alone(data_dir):
   """Wang 2024 Table 2 in miniature: same data, seed and model, 60 steps.
-  Balanced by the auxiliary loss alone (alpha 1e-3, u = 0) vs by the bias
-  (u = 1e-2: a short run needs a faster step than Fig. 4's 1e-3, which
-  reaches 1.90 here), MaxVio of the batch averaged over the last 10 steps.
-  Seen on a 2-core CPU: aux loss 2.41, bias 0.45; the bias-free choice
-  TopK(s) of the bias run stays as unbalanced (2.54): the balance comes
-  from b. Both lower the loss (5.97 -> 4.08 nats)."""
+  Balanced by the auxiliary loss alone (Wang's own form, Eqs. 2-3, alpha
+  1e-3, u = 0) vs by the bias (u = 1e-2: a short run needs a faster step
+  than Fig. 4's 1e-3, which reaches 1.81 here), MaxVio of the batch
+  averaged over the last 10 steps. Seen on a 2-core CPU: aux loss 2.23
+  (2.54 with the weaker V3-form loss at the same alpha), bias 0.46; the
+  bias-free choice TopK(s) of the bias run stays as unbalanced (2.63): the
+  balance comes from b. Both lower the loss (5.97 -> 4.08 nats)."""
   steps = 60
   aux = tiny.train_briefly(_tiny(deepseek_aux_loss, data_dir), steps)
   config = _tiny(deepseek_v3, data_dir)

@@ -38,6 +38,10 @@ def _fake_run(path: Path, num_experts: int):
       "eval/unigram_baseline": 3.0,
       "eval/moe/layer_01/drop_fraction": 0.1,
       "eval/moe/layer_03/drop_fraction": 0.3,
+      "eval/moe/layer_01/max_violation_batch": 0.6,
+      "eval/moe/layer_03/max_violation_batch": 0.4,
+      "eval/moe/layer_01/max_violation_global": 0.2,
+      "eval/moe/layer_03/max_violation_global": 0.1,
     },
   ]
   (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
@@ -48,10 +52,28 @@ def test_summarize_reads_last_eval_and_throughput(tmp_path):
   s = compare_runs.summarize(str(tmp_path / "moe"))
   assert s["/ unigram"] == pytest.approx(0.5)  # 1.5 / 3.0
   assert s["drop_fraction"] == pytest.approx((0.2, 0.3))  # mean, worst
-  assert s["max_violation"] is None
+  assert s["max_violation_batch"] == pytest.approx((0.5, 0.6))
+  assert s["max_violation_global"] == pytest.approx((0.15, 0.2))
+  assert s["load_cv"] is None
   # The first interval (compilation) is skipped; 10 steps of 2 x 8 tokens
   # in 2 s and in 3 s: 80 and 53.3 tokens/s, median 66.7.
   assert s["tokens/s"] == pytest.approx((80 + 160 / 3) / 2)
+
+
+def test_summarize_reads_a_run_logged_before_the_maxvio_split(tmp_path):
+  """Older runs logged only eval/.../max_violation, the mean of the eval
+  batches' MaxVio: read as max_violation_batch, with no global value."""
+  _fake_run(tmp_path / "old", 8)
+  path = tmp_path / "old" / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for key in list(rows[-1]):
+    if "max_violation" in key:
+      del rows[-1][key]
+  rows[-1]["eval/moe/layer_01/max_violation"] = 0.9
+  path.write_text("\n".join(map(json.dumps, rows)) + "\n")
+  s = compare_runs.summarize(str(tmp_path / "old"))
+  assert s["max_violation_batch"] == pytest.approx((0.9, 0.9))
+  assert s["max_violation_global"] is None
 
 
 def test_command_line_prints_a_table(tmp_path):

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.metrics import expert_choice_metrics, routing_metrics
+from moe_jax.metrics import (
+  expert_choice_metrics,
+  pool_batches,
+  routing_metrics,
+)
 from moe_jax.routing import Routing
 
 # G=1, S=4, E=4, K=2, capacity C=2, k-major (GShard Alg. 1):
@@ -52,6 +56,8 @@ _HAND = _routing(_EXPERTS, _GATES, _POSITION, _KEPT, _PROBS)
 
 # Expected metrics, from the table above.
 _EXPECTED = {
+  # c_e, the choices before capacity (table above).
+  "expert_counts": [4.0, 3.0, 1.0, 0.0],
   # f_e = c_e / (T K) = [4, 3, 1, 0] / 8.
   "expert_fraction": [0.5, 0.375, 0.125, 0.0],
   # mean c = 2; deviations [2, 1, -1, -2]; population variance
@@ -221,3 +227,96 @@ def test_expert_choice_metrics_list_at_most_four_thresholds():
   )
   names = [k for k in expert_choice_metrics(route) if "at_least" in k]
   assert names == [f"tokens_with_at_least_{n}_experts" for n in (1, 2, 3, 4)]
+
+
+# ---------------------------------------------------------------------------
+# Evaluation over several batches: MaxVio per batch and pooled.
+
+
+def _top1_routing(experts_S):
+  """G = 1, K = 1, E = 4, every choice kept, uniform probabilities."""
+  S = len(experts_S)
+  return _routing(
+    [[[e] for e in experts_S]],
+    [[[1.0]] * S],
+    [[[0]] * S],
+    [[[True]] * S],
+    np.full((1, S, 4), 0.25),
+  )
+
+
+def _numpy_max_violation(counts):
+  counts = np.asarray(counts, np.float64)
+  return (counts.max() - counts.mean()) / counts.mean()  # Wang 2024 Eq. 4
+
+
+def test_pooled_max_violation_differs_from_the_batch_mean():
+  """Wang 2024 Table 2 reports MaxVio_global. Two batches of 8 tokens, top-1
+  over E = 4 experts:
+    batch 1: counts [5, 1, 1, 1]  MaxVio (5 - 2) / 2 = 1.5
+    batch 2: counts [1, 5, 1, 1]  MaxVio 1.5
+  mean of the batches' MaxVio (max_violation_batch) = 1.5;
+  pooled counts [6, 6, 2, 2], mean 4: MaxVio_global = (6 - 4) / 4 = 0.5.
+  Adding batch 3, counts [1, 1, 3, 3] (MaxVio (3 - 2) / 2 = .5): pooled
+  [7, 7, 5, 5], mean 6, MaxVio_global (7 - 6) / 6 = 1/6, while the batch
+  mean is (1.5 + 1.5 + .5) / 3 = 7/6."""
+  batches = [
+    [0, 0, 0, 0, 0, 1, 2, 3],
+    [1, 1, 1, 1, 1, 0, 2, 3],
+    [0, 1, 2, 2, 2, 3, 3, 3],
+  ]
+  per_batch = []
+  for i, experts in enumerate(batches):
+    found = routing_metrics(_top1_routing(experts))
+    per_batch.append({f"moe/layer_01/{k}": v for k, v in found.items()})
+    per_batch[-1]["lm_loss"] = np.float32(i)
+  pooled = pool_batches(per_batch[:2])
+  np.testing.assert_allclose(pooled["moe/layer_01/max_violation_batch"], 1.5)
+  np.testing.assert_allclose(pooled["moe/layer_01/max_violation_global"], 0.5)
+  np.testing.assert_array_equal(
+    pooled["moe/layer_01/expert_counts"], [6, 6, 2, 2]
+  )
+  assert "moe/layer_01/max_violation" not in pooled
+  np.testing.assert_allclose(pooled["lm_loss"], 0.5)  # others: the mean
+  np.testing.assert_allclose(
+    pooled["moe/layer_01/expert_fraction"], [6 / 16, 6 / 16, 2 / 16, 2 / 16]
+  )
+  pooled = pool_batches(per_batch)
+  counts = np.sum([np.bincount(b, minlength=4) for b in batches], axis=0)
+  np.testing.assert_array_equal(counts, [7, 7, 5, 5])
+  np.testing.assert_allclose(
+    pooled["moe/layer_01/max_violation_global"],
+    _numpy_max_violation(counts),  # 1/6
+  )
+  np.testing.assert_allclose(
+    pooled["moe/layer_01/max_violation_batch"],
+    np.mean(
+      [_numpy_max_violation(np.bincount(b, minlength=4)) for b in batches]
+    ),
+  )
+  np.testing.assert_allclose(pooled["moe/layer_01/max_violation_batch"], 7 / 6)
+
+
+def test_opposite_overloads_pool_to_perfect_balance():
+  """Batch 1 sends every token to expert 0, batch 2 to expert 1 (E = 2):
+  each batch's MaxVio is (4 - 2) / 2 = 1, the pooled counts [4, 4] give 0.
+  The suffixes pair counts with their MaxVio (DeepSeek's before/after b)."""
+  per_batch = [
+    {
+      "moe/layer_03/expert_counts_after_bias": np.asarray([4.0, 0.0]),
+      "moe/layer_03/max_violation_after_bias": np.float32(1.0),
+    },
+    {
+      "moe/layer_03/expert_counts_after_bias": np.asarray([0.0, 4.0]),
+      "moe/layer_03/max_violation_after_bias": np.float32(1.0),
+    },
+  ]
+  pooled = pool_batches(per_batch)
+  assert set(pooled) == {
+    "moe/layer_03/expert_counts_after_bias",
+    "moe/layer_03/max_violation_after_bias_batch",
+    "moe/layer_03/max_violation_after_bias_global",
+  }
+  key = "moe/layer_03/max_violation_after_bias"
+  np.testing.assert_allclose(pooled[f"{key}_batch"], 1.0)
+  np.testing.assert_allclose(pooled[f"{key}_global"], 0.0)

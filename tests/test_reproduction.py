@@ -200,3 +200,74 @@ def test_every_arm_builds_at_every_scale(name, scale):
         "max_router_logit", "tokens_per_second",
         *reproduction.LAYER_METRICS,
       ), (claim.id, metric)
+
+
+# ---- the runner ----------------------------------------------------------------
+
+
+def test_smoke_all_suites(tmp_path, capsys):
+  """`experiments/reproduce.py --suite=all --scale=smoke`: every suite
+  trains its smoke arms, evaluates, writes results.json, report.md and
+  plots; a second call finds everything done and trains nothing."""
+  args = [
+    "--suite=all", "--scale=smoke", f"--results={tmp_path / 'results'}",
+    f"--runs={tmp_path / 'runs'}", "--no_probe",
+  ]
+  reproduce.main(args)
+  for name in SUITES:
+    out = tmp_path / "results" / name
+    results = json.loads((out / "results.json").read_text())
+    suite = reproduce.load_suite(name).SUITE
+    ran = {(r["arm"], r["seed"]) for r in results["runs"]}
+    assert ran == {(a.name, 0) for a in suite.arms_at("smoke")}, name
+    assert all(r["status"] == "finished" for r in results["runs"]), name
+    assert all(np.isfinite(r["summary"]["eval_loss"]) for r in results["runs"])
+    report = (out / "report.md").read_text()
+    assert "## Verdict rule (fixed before the runs)" in report
+    for claim in suite.claims:
+      assert f"| {claim.id} |" in report
+    assert (out / "00_eval_lm_loss.png").read_bytes()[:4] == b"\x89PNG"
+  for arm in reproduce.load_suite("switch_capacity").SUITE.arms_at("smoke"):
+    assert any("eval_loss@cf2" in r["summary"] for r in json.loads(
+      (tmp_path / "results" / "switch_capacity" / "results.json").read_text()
+    )["runs"] if r["arm"] == arm.name)
+  capsys.readouterr()
+  reproduce.main(args)
+  assert "] " not in "".join(
+    line for line in capsys.readouterr().out.splitlines()
+    if line.startswith("[")
+  ), "a finished arm was trained again"
+
+
+def test_plan_prints_predicted_costs(tmp_path, capsys):
+  reproduce.main([
+    "--suite=switch_balance", "--scale=smoke", "--plan",
+    f"--results={tmp_path}", f"--runs={tmp_path}",
+  ])
+  out = capsys.readouterr().out
+  assert "predicted cost of switch_balance (smoke):" in out
+  assert "top1_alpha0 " in out and " steps x " in out
+  assert "min predicted for 2 runs" in out
+
+
+def test_a_diverged_run_is_a_result(tmp_path, monkeypatch):
+  """A FloatingPointError from the trainer is recorded as "diverged at step
+  N", with the metrics logged before it, and stable = 0."""
+  from moe_jax import train
+
+  workdir = tmp_path / "run"
+  _write_run(workdir, [
+    {"step": 10, "train/lm_loss": 3.0, "train/seconds_since_last_log": 1.0},
+  ])
+
+  def diverge(config, workdir):
+    raise FloatingPointError("loss is nan at step 20.")
+
+  monkeypatch.setattr(train, "train_and_evaluate", diverge)
+  module = reproduce.load_suite("st_moe_zloss")
+  arm = module.SUITE.arms_at("smoke")[0]
+  job = reproduce.Job(arm, 0, f"{arm.args},scale=smoke,seed=0", "c", workdir)
+  record = reproduce.run_job(module, job)
+  assert record["status"] == "diverged" and record["diverged_step"] == 20
+  assert record["summary"]["stable"] == 0.0
+  assert "eval_loss" not in record["summary"]

@@ -45,6 +45,15 @@ def test_training_lowers_the_loss(tmp_path, data_dir):
     assert (tmp_path / name).stat().st_size > 0
   assert "train/aux/load_balancing_loss" in rows[-1]
   assert len(rows[-1]["train/moe/layer_01/expert_fraction"]) == 4
+  # Training logs each batch's MaxVio; evaluation the mean of its batches'
+  # and that of the loads pooled over them (Wang 2024 Table 2's global).
+  assert "train/moe/layer_01/max_violation" in rows[-1]
+  key = "eval/moe/layer_01/max_violation"
+  assert key not in final
+  assert 0.0 <= final[f"{key}_global"] <= final[f"{key}_batch"]
+  # Pooled counts: every real eval token's one (K = 1) choice.
+  real = sum(b["mask"].sum() for b in data.create_eval_batches(config.data))
+  assert sum(final["eval/moe/layer_01/expert_counts"]) == pytest.approx(real)
 
 
 class _CrashingIterator:
@@ -159,7 +168,14 @@ def test_command_line_runs_and_resumes(tmp_path, data_dir):
     "--config.train.log_every=1",
     "--config.train.progress_bar=False",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    # This checkout's moe_jax, not whichever one is installed.
+    PYTHONPATH=os.pathsep.join(
+      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    ),
+  )
   first = subprocess.run(
     args, capture_output=True, text=True, env=env, cwd=tmp_path
   )
