@@ -22,9 +22,10 @@ collection, unweighted, under names the trainer looks up as
 routers), `router_z_loss` (every learned router), `importance_loss`,
 `load_loss` (the noisy routers) and `sequence_balance_loss` (DeepSeek).
 Non-learned routers sow none. Routing
-metrics go to `moe_metrics`; the routing decisions (`expert_index`, `gates`,
-`kept` as `[B, L, K]`) and the router's logits (`router_logits`; for noisy
-routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
+metrics go to `moe_metrics` (learned routers add `router_logit_max_abs` and
+`router_logsumexp` of their logits); the routing decisions (`expert_index`,
+`gates`, `kept` as `[B, L, K]`) and the router's logits (`router_logits`;
+for noisy routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
 `intermediates` for analysis.
 
 The DeepSeek router keeps its balancing bias b `[E]` in the variable

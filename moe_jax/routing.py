@@ -242,9 +242,10 @@ SECOND_CHOICE_COUNTINGS = (
   # `gshard_utils.top2_gating_on_logits` (mask_2 is multiplied by the draw
   # before its cumsum): a rejected choice takes no slot.
   "kept_only",
-  # GShard (Lepikhin 2020) Alg. 1, lines 12-15: `c_{e2} += 1` after the
-  # `if c < C and 2 g2 > rnd` test, so a rejected second choice still
-  # advances its expert's counter and later second choices queue behind it.
+  # GShard (Lepikhin 2020) Alg. 1, second loop over tokens: `c_{e2} += 1`
+  # after the `if c < C and 2 g2 > rnd` test, so a rejected second choice
+  # still advances its expert's counter and later second choices queue
+  # behind it.
   "gshard_alg1",
 )
 
@@ -296,7 +297,8 @@ CAPACITY_RULES = {
   "megatron": CapacityRule(times_k=True, rounding="ceil"),
   # MaxText MaxText/layers/moe.py `RoutedMoE.generate_masks`:
   # int(max(ceil(S K / E) CF, CF)), S = one sequence (set group_size to the
-  # sequence length to match it); the K rounds up before CF, int truncates.
+  # sequence length to match it); ceil(S K / E) rounds up before the factor
+  # CF, int() truncates.
   "maxtext": CapacityRule(times_k=True, rounding="floor", formula="maxtext"),
   # praxis praxis/gshard_utils.py `top2_gating_on_logits` and
   # `topk_gating_on_logits`: int(S CF / E) up to a multiple of 4, no K (its
@@ -418,8 +420,8 @@ def assign_slots(
                       the score is the token's top-1 probability; the sort
                       is stable, so equal scores keep token order).
   The slot counter advances for pairs dropped by capacity too (GShard Alg.
-  1, lines 6 and 15): a pair is dropped iff at least `capacity` earlier
-  counted pairs chose its expert.
+  1, in both loops over tokens): a pair is dropped iff at least `capacity`
+  earlier counted pairs chose its expert.
 
   `counted_GSK` (default: `eligible_GSK`) marks the pairs that advance the
   counter (an eligible pair always does). By default an ineligible
@@ -567,7 +569,7 @@ def route_tokens(
     second_threshold: threshold of the "threshold" policy.
     second_choice_counting: whether a choice the policy rejected still
       advances its expert's slot counter: "kept_only" (no; Lingvo,
-      Mesh-TensorFlow) or "gshard_alg1" (yes; GShard Alg. 1, line 15). See
+      Mesh-TensorFlow) or "gshard_alg1" (yes; GShard Alg. 1). See
       `SECOND_CHOICE_COUNTINGS`; the two agree under policy "all".
     renormalize_after_drop: divide the surviving gates by their sum after
       capacity, so a token that lost its second expert gets weight 1 on the
