@@ -53,9 +53,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.group_size = 512  # S, tokens routed together
   config.model.moe.capacity_factor = 1.25
   config.model.moe.eval_capacity_factor = 2.0
-  config.model.moe.capacity_rule = (
-    "switch"  # see moe_jax.routing.CAPACITY_RULES
-  )
+  # C per expert per group (moe_jax.routing.CAPACITY_RULES): "switch" |
+  # "gshard" | "flaxformer" | "vmoe" | "megatron" | "maxtext" (int(ceil(S K /
+  # E) CF)) | "praxis" (int(S CF / E) up to a multiple of 4, no K).
+  config.model.moe.capacity_rule = "switch"
   config.model.moe.min_capacity = 4
   config.model.moe.priority = (
     "k_major"  # "k_major" | "token_major" | "batch_priority"
@@ -64,6 +65,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     "all"  # GShard: "all" | "random" | "threshold"
   )
   config.model.moe.second_threshold = 0.2
+  # Does a later choice the policy rejected use up a slot number of its
+  # expert? "kept_only" (no: Lingvo, Mesh TF) | "gshard_alg1" (yes: GShard
+  # Alg. 1 advances the counter for every second choice).
+  config.model.moe.second_choice_counting = "kept_only"
   config.model.moe.renormalize_after_drop = False
   # How tokens reach the experts (moe_jax.dispatch): "einsum" (one-hot
   # [G,S,E,C] tensors, GShard), "indices" (gathers into [E,G,C,D] buffers)
@@ -76,6 +81,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.router_init_scale = 0.1  # Switch: 0.1x the default init
   config.model.moe.router_jitter = 0.0  # Switch App. C uses 1e-2
   config.model.moe.router_bias = False
+  # dtype of the router dot x W_r and softmax: "float32" (Switch §2.4
+  # selective precision) | "bfloat16" (logits and probabilities rounded to
+  # bf16, Switch Table 2's baseline; not for sinkhorn / deepseek). Parameters
+  # stay float32 either way.
+  config.model.moe.router_dtype = "float32"
   # Tokens-choose rule applied to the router's logits at evaluation ("":
   # route as in training), e.g. "top_k" for a causal eval of expert choice.
   config.model.moe.eval_router = ""

@@ -22,9 +22,10 @@ collection, unweighted, under names the trainer looks up as
 routers), `router_z_loss` (every learned router), `importance_loss`,
 `load_loss` (the noisy routers) and `sequence_balance_loss` (DeepSeek).
 Non-learned routers sow none. Routing
-metrics go to `moe_metrics`; the routing decisions (`expert_index`, `gates`,
-`kept` as `[B, L, K]`) and the router's logits (`router_logits`; for noisy
-routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
+metrics go to `moe_metrics` (learned routers add `router_logit_max_abs` and
+`router_logsumexp` of their logits); the routing decisions (`expert_index`,
+`gates`, `kept` as `[B, L, K]`) and the router's logits (`router_logits`;
+for noisy routers also `noisy_logits` and `noise_std`, `[B, L, E]`) to
 `intermediates` for analysis.
 
 The DeepSeek router keeps its balancing bias b `[E]` in the variable
@@ -91,6 +92,10 @@ _NONCAUSAL_ERRORS = {
 }
 
 
+# Learned routers whose scores are not the softmax of `router_dtype`.
+_FLOAT32_SCORES = ("sinkhorn", "deepseek")
+
+
 class NoncausalRoutingWarning(UserWarning):
   """A capacity drop order that lets later tokens decide earlier drops."""
 
@@ -136,6 +141,7 @@ class MoeConfig:
   priority: str = "k_major"
   second_policy: str = "all"
   second_threshold: float = 0.2
+  second_choice_counting: str = "kept_only"
   renormalize_after_drop: bool = False
   dispatch: str = "indices"
   grouped_matmul: str = "auto"
@@ -143,6 +149,7 @@ class MoeConfig:
   router_init_scale: float = 0.1
   router_jitter: float = 0.0
   router_bias: bool = False
+  router_dtype: str = "float32"
   load_balancing: str = "switch"
   activation: str = "gelu"
   gated: bool = False
@@ -213,6 +220,20 @@ class MoeConfig:
     _choice("capacity_rule", self.capacity_rule, routing.CAPACITY_RULES)
     _choice("priority", self.priority, routing.PRIORITIES)
     _choice("second_policy", self.second_policy, routing.SECOND_POLICIES)
+    _choice(
+      "second_choice_counting",
+      self.second_choice_counting,
+      routing.SECOND_CHOICE_COUNTINGS,
+    )
+    _choice("router_dtype", self.router_dtype, DTYPES)
+    if self.router_dtype != "float32" and scheme.family in _FLOAT32_SCORES:
+      raise ValueError(
+        f"router_dtype={self.router_dtype!r} with router={self.router!r}: "
+        "the bfloat16 router emulates a softmax router without selective "
+        f"precision; {self.router!r} scores with its own float32 function "
+        "(Sinkhorn, sigmoid). Use router_dtype='float32' or a softmax "
+        "router."
+      )
     _choice("dispatch", self.dispatch, dispatch_lib.DISPATCHERS)
     _choice(
       "grouped_matmul", self.grouped_matmul, grouped_matmul_lib.IMPLEMENTATIONS
@@ -278,23 +299,32 @@ class MoeConfig:
 
 
 class Router(nn.Module):
-  """Router logits z = x W_r in float32, whatever the model dtype.
+  """Router logits z = x W_r (Switch Eq. 1), in float32 by default, whatever
+  the model dtype.
 
   Selective precision (Switch §2.4): the input is cast to float32 and the
-  kernel is kept in float32. The kernel is drawn from a truncated normal with
-  std sqrt(init_scale / D) (Switch §2.4: init_scale 0.1, a tenth of the
-  usual); init_scale 0 gives a zero kernel (Shazeer 2017 App. A).
-  Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the router
-  input in training only (Switch App. C, eps = 1e-2).
+  kernel is kept in float32. `dtype=jnp.bfloat16` turns it off, as in the
+  bfloat16 row of Switch Table 2 and flaxformer's default `RouterWeights`:
+  the input and the kernel are cast to bfloat16 and the dot returns bfloat16
+  logits (the parameters stay float32). The kernel is drawn from a truncated
+  normal with std sqrt(init_scale / D) (Switch §2.4: init_scale 0.1, a tenth
+  of the usual); init_scale 0 gives a zero kernel (Shazeer 2017 App. A).
+  Multiplicative jitter x * U(1 - eps, 1 + eps) is applied to the float32
+  router input in training only (Switch App. C, eps = 1e-2).
   """
 
   num_experts: int
   init_scale: float = 0.1
   jitter: float = 0.0
   use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_GSD: jax.Array, *, deterministic: bool) -> jax.Array:
+    if self.dtype not in routing.SOFTMAX_DTYPES:
+      raise ValueError(
+        f"Router dtype={self.dtype!r}; allowed: jnp.float32, jnp.bfloat16."
+      )
     x_GSD = x_GSD.astype(jnp.float32)
     if self.jitter > 0 and not deterministic:
       noise_GSD = jax.random.uniform(
@@ -312,13 +342,16 @@ class Router(nn.Module):
       "kernel", init, (x_GSD.shape[-1], self.num_experts), jnp.float32
     )
     logits_GSE = jnp.einsum(
-      "gsd,de->gse", x_GSD, kernel_DE, preferred_element_type=jnp.float32
+      "gsd,de->gse",
+      x_GSD.astype(self.dtype),
+      kernel_DE.astype(self.dtype),
+      preferred_element_type=self.dtype,
     )
     if self.use_bias:
       bias_E = self.param(
         "bias", nn.initializers.zeros, (self.num_experts,), jnp.float32
       )
-      logits_GSE = logits_GSE + bias_E
+      logits_GSE = logits_GSE + bias_E.astype(self.dtype)
     return logits_GSE
 
 
@@ -451,9 +484,11 @@ def _tokens_choose(layer, inputs, logits_GSE, router=None):
     priority=cfg.priority,
     second_policy=policy,
     second_threshold=cfg.second_threshold,
+    second_choice_counting=cfg.second_choice_counting,
     renormalize_after_drop=cfg.renormalize_after_drop,
     padding_mask_GS=inputs.mask_GS,
     rng=layer.make_rng("routing") if policy == "random" else None,
+    softmax_dtype=DTYPES[cfg.router_dtype],
   )
   balance_fn = losses.LOAD_BALANCING_LOSSES[cfg.load_balancing]
   loss = balance_fn(route.probs_GSE, route.expert_index_GSK, inputs.mask_GS)
@@ -478,9 +513,12 @@ def _noisy_top_k(layer, inputs, logits_GSE):
   """Shazeer 2017 Eqs. 3-5 gating with Eqs. 6-11 losses."""
   cfg = layer.config
   # Shazeer App. A: W_noise starts at zero. It sees the un-jittered input.
-  noise_logits_GSE = Router(cfg.num_experts, init_scale=0.0, name="noise")(
-    inputs.x_GSD, deterministic=inputs.deterministic
-  )
+  noise_logits_GSE = Router(
+    cfg.num_experts,
+    init_scale=0.0,
+    dtype=DTYPES[cfg.router_dtype],
+    name="noise",
+  )(inputs.x_GSD, deterministic=inputs.deterministic)
   std_GSE = routing.shazeer_noise_std(noise_logits_GSE)
   route, aux, noisy_GSE = _noisy_route(layer, inputs, logits_GSE, std_GSE)
   K, mask_GS = cfg.top_k, inputs.mask_GS
@@ -505,16 +543,22 @@ def _vmoe(layer, inputs, logits_GSE):
 
 
 def _expert_choice(layer, inputs, logits_GSE):
-  del layer
   route = routing.expert_choice_route(
-    logits_GSE, inputs.capacity, inputs.mask_GS
+    logits_GSE,
+    inputs.capacity,
+    inputs.mask_GS,
+    softmax_dtype=DTYPES[layer.config.router_dtype],
   )
   return route, {}
 
 
 def _soft_mixture(layer, inputs, logits_GSE):
-  del layer
-  return routing.soft_mixture_route(logits_GSE, inputs.mask_GS), {}
+  route = routing.soft_mixture_route(
+    logits_GSE,
+    inputs.mask_GS,
+    softmax_dtype=DTYPES[layer.config.router_dtype],
+  )
+  return route, {}
 
 
 def _sinkhorn(layer, inputs, logits_GSE):
@@ -776,9 +820,13 @@ class MoeLayer(nn.Module):
       cfg.router_init_scale,
       cfg.router_jitter,
       cfg.router_bias,
+      DTYPES[cfg.router_dtype],
       name="router",
     )(inputs.x_GSD, deterministic=inputs.deterministic)
     _sow_BLE(self, inputs, "router_logits", logits_GSE)
+    logit_metrics = metrics.router_logit_metrics(logits_GSE, inputs.mask_GS)
+    for name, value in logit_metrics.items():
+      self.sow("moe_metrics", name, value)
     route, aux_losses = route_fn(self, inputs, logits_GSE)
     if inputs.deterministic and cfg.eval_router:
       # Causal-safe evaluation of a non-causal router: tokens choose on the

@@ -23,6 +23,14 @@ reports each per layer. Definitions:
   (flaxformer's router_confidence).
 - top1_probability: mean over tokens of max_e p_{t,e}.
 
+Learned routers also report two statistics of their logits z
+(`router_logit_metrics`, ST-MoE, Zoph 2022 §3.3-3.4; the layer sows them):
+
+- router_logit_max_abs: max over real tokens and experts of |z_{t,e}|.
+- router_logsumexp: mean over real tokens of logsumexp_e z_{t,e}, the
+  quantity the router z-loss squares (ST-MoE Eq. 5:
+  L_z = (1/T) sum_t (logsumexp_e z_{t,e})^2).
+
 Expert choice (`expert_choice_metrics`) has no per-token choices: c_e counts
 the tokens expert e took (C per group by construction, so load_cv and
 max_violation are 0 up to padding), drop_fraction is the share of tokens no
@@ -83,6 +91,30 @@ def _router_metrics(routing: Routing, mask_GS) -> dict[str, jax.Array]:
     "router_entropy": jnp.sum(entropy_GS * mask_GS) / num_tokens,
     "router_confidence": jnp.sum(gates_GSK * mask_GS[..., None]) / num_kept,
     "top1_probability": jnp.sum(jnp.max(probs_GSE, -1) * mask_GS) / num_tokens,
+  }
+
+
+def router_logit_metrics(
+  logits_GSE: jax.Array, padding_mask_GS: jax.Array | None = None
+) -> dict[str, jax.Array]:
+  """max |z| and mean logsumexp_e z over the real tokens, in float32.
+
+  ST-MoE (Zoph 2022) Eq. 5 squares logsumexp_e z_t in its z-loss; §3.3-3.4
+  watch the size of the logits. Padded rows may hold anything (even NaN)
+  and are excluded; with no real token both are 0.
+  """
+  G, S, _ = logits_GSE.shape
+  if padding_mask_GS is None:
+    real_GS = jnp.ones((G, S), bool)
+  else:
+    real_GS = padding_mask_GS.astype(bool)
+  z_GSE = jnp.where(real_GS[..., None], logits_GSE.astype(jnp.float32), 0.0)
+  num_tokens = jnp.maximum(jnp.sum(real_GS.astype(jnp.float32)), 1.0)
+  logsumexp_GS = jax.nn.logsumexp(z_GSE, axis=-1)  # ST-MoE Eq. 5, inner term
+  return {
+    "router_logit_max_abs": jnp.max(jnp.abs(z_GSE)),
+    "router_logsumexp": jnp.sum(jnp.where(real_GS, logsumexp_GS, 0.0))
+    / num_tokens,
   }
 
 

@@ -6,14 +6,16 @@ Routing a group of S tokens to E experts, K experts per token, happens in
 four steps, each a function here:
 
 1. `router_probabilities`: p_t = softmax(z_t) over all E experts, in float32
-   whatever the model dtype (Switch §2.4, "selective precision").
+   whatever the model dtype (Switch §2.4, "selective precision"), unless a
+   caller asks for a bfloat16 softmax to emulate a router without it.
 2. `top_k_gates`: each token's K chosen experts in rank order and their
    combine weights g (the named gate conventions are in `ROUTERS`).
 3. `second_choice_mask`: GShard's policy for keeping choices after the first.
 4. `assign_slots`: walks the (token, choice) pairs in a drop-priority order
    and gives each a slot in its expert's buffer of `capacity` slots; a pair
    that finds its expert full is dropped (weight 0, output exactly 0; the
-   residual connection carries the token).
+   residual connection carries the token). Whether a choice the policy of
+   step 3 rejected still uses up a slot number is `SECOND_CHOICE_COUNTINGS`.
 
 `route_tokens` chains them into a `Routing`. `compute_capacity` turns a
 capacity factor into slots per expert under the conventions of `CAPACITY_RULES`.
@@ -107,9 +109,26 @@ def gate_convention(router: str, top_k: int, num_experts: int):
   return convention
 
 
-def router_probabilities(logits_GSE: jax.Array) -> jax.Array:
-  """p = softmax(z) over experts, computed in float32 (Switch §2.4)."""
-  return jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
+SOFTMAX_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def router_probabilities(
+  logits_GSE: jax.Array, softmax_dtype=jnp.float32
+) -> jax.Array:
+  """p = softmax(z) over experts (Switch Eq. 1), returned as float32.
+
+  The softmax runs in float32 by default, whatever the logits' dtype (Switch
+  §2.4, "selective precision"). `softmax_dtype=jnp.bfloat16` runs it in
+  bfloat16 instead, so p is rounded to bfloat16 before it is widened back:
+  the router without selective precision that Switch Table 2 compares
+  against (and flaxformer's default bfloat16 `RouterWeights`).
+  """
+  if softmax_dtype not in SOFTMAX_DTYPES:
+    raise ValueError(
+      f"softmax_dtype={softmax_dtype!r}; allowed: jnp.float32, jnp.bfloat16."
+    )
+  probs_GSE = jax.nn.softmax(logits_GSE.astype(softmax_dtype), axis=-1)
+  return probs_GSE.astype(jnp.float32)
 
 
 def top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
@@ -137,7 +156,10 @@ def top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
 
 
 def top_k_gates(
-  logits_GSE: jax.Array, top_k: int, convention: GateConvention
+  logits_GSE: jax.Array,
+  top_k: int,
+  convention: GateConvention,
+  softmax_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
   """Chosen experts in rank order and their combine weights.
 
@@ -145,6 +167,8 @@ def top_k_gates(
     logits_GSE: router logits z.
     top_k: K.
     convention: see `GateConvention`.
+    softmax_dtype: dtype of the softmax (see `router_probabilities`); the
+      renormalisation that follows is float32.
 
   Returns:
     expert_index_GSK (int32, rank 0 = largest logit; ties go to the lower
@@ -155,9 +179,9 @@ def top_k_gates(
   expert_index_GSK = top_k_indices(logits_GSE, top_k)
   top_logits_GSK = jnp.take_along_axis(logits_GSE, expert_index_GSK, axis=-1)
   if convention.softmax_order == "after":
-    gates_GSK = jax.nn.softmax(top_logits_GSK, axis=-1)
+    gates_GSK = router_probabilities(top_logits_GSK, softmax_dtype)
   elif convention.softmax_order == "before":
-    probs_GSE = router_probabilities(logits_GSE)
+    probs_GSE = router_probabilities(logits_GSE, softmax_dtype)
     gates_GSK = jnp.take_along_axis(probs_GSE, expert_index_GSK, axis=-1)
     if convention.renormalize:
       gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
@@ -188,6 +212,8 @@ def second_choice_mask(
     "threshold": kept iff g_r > threshold (Mesh-TensorFlow's deterministic
                  policy).
   Randomness belongs to training; callers pass policy="all" at evaluation.
+  Whether a rejected choice still takes a slot number is decided later, by
+  the `second_choice_counting` of `route_tokens` (`SECOND_CHOICE_COUNTINGS`).
 
   Returns:
     bool `[G, S, K]`.
@@ -209,6 +235,29 @@ def second_choice_mask(
   return is_first_GSK | later_kept_GSK
 
 
+# How a later choice that `second_choice_mask` rejected counts in its
+# expert's slot counter (REFERENCE §i, "GShard Alg. 1 counting"):
+SECOND_CHOICE_COUNTINGS = (
+  # Lingvo `gshard_layers.Top2GatingOnLogits`, Mesh-TensorFlow, praxis
+  # `gshard_utils.top2_gating_on_logits` (mask_2 is multiplied by the draw
+  # before its cumsum): a rejected choice takes no slot.
+  "kept_only",
+  # GShard (Lepikhin 2020) Alg. 1, second loop over tokens: `c_{e2} += 1`
+  # after the `if c < C and 2 g2 > rnd` test, so a rejected second choice
+  # still advances its expert's counter and later second choices queue
+  # behind it.
+  "gshard_alg1",
+)
+
+
+def _check_second_choice_counting(counting: str):
+  if counting not in SECOND_CHOICE_COUNTINGS:
+    raise ValueError(
+      f"unknown second_choice_counting={counting!r}; allowed: "
+      f"{list(SECOND_CHOICE_COUNTINGS)}."
+    )
+
+
 # ---------------------------------------------------------------------------
 # Capacity.
 
@@ -217,13 +266,20 @@ def second_choice_mask(
 class CapacityRule:
   """One codebase's formula for slots per expert per group.
 
-  C = round_up_to_multiple(rounding(CF * S * (K if times_k else 1) / E)),
-  then C = max(C, min_capacity) and C = min(C, S).
+  formula "share" (every rule but two):
+    C = round_up_to_multiple(rounding(CF * S * (K if times_k else 1) / E)),
+    then C = max(C, min_capacity).
+  formula "maxtext": C = int(max(ceil(S * K / E) * CF, CF)), then
+    C = max(C, min_capacity) (see `_maxtext_capacity`).
+  formula "praxis": C = int(S * CF / E) rounded up to a multiple of 4 when
+    it exceeds min_capacity, else min_capacity (see `_praxis_capacity`).
+  Every formula ends with C = min(C, S).
   """
 
   times_k: bool
   rounding: str  # "ceil" | "round" | "floor"
   multiple_of: int = 1
+  formula: str = "share"  # "share" | "maxtext" | "praxis"
 
 
 CAPACITY_RULES = {
@@ -239,9 +295,61 @@ CAPACITY_RULES = {
   # Megatron-LM moe_utils.get_capacity: ceil(K * S / E * CF), the GShard
   # formula under another name, kept so configs can say which they follow.
   "megatron": CapacityRule(times_k=True, rounding="ceil"),
+  # MaxText MaxText/layers/moe.py `RoutedMoE.generate_masks`:
+  # int(max(ceil(S K / E) CF, CF)), S = one sequence (set group_size to the
+  # sequence length to match it); ceil(S K / E) rounds up before the factor
+  # CF, int() truncates.
+  "maxtext": CapacityRule(times_k=True, rounding="floor", formula="maxtext"),
+  # praxis praxis/gshard_utils.py `top2_gating_on_logits` and
+  # `topk_gating_on_logits`: int(S CF / E) up to a multiple of 4, no K (its
+  # CF is "unadjusted": 2.0 for top-2 means the 2S/E of GShard).
+  "praxis": CapacityRule(
+    times_k=False, rounding="floor", multiple_of=4, formula="praxis"
+  ),
 }
 
 _ROUNDINGS = {"ceil": math.ceil, "round": round, "floor": math.floor}
+
+
+def _maxtext_capacity(S: int, E: int, K: int, capacity_factor: float) -> int:
+  """MaxText's expert capacity per batch, as coded in
+  AI-Hypercomputer/maxtext MaxText/layers/moe.py (`generate_masks`):
+
+    tokens_per_batch = seq_len * num_experts_per_tok
+    expert_capacity_per_batch = int(max(
+        math.ceil(tokens_per_batch / num_experts) * capacity_factor,
+        capacity_factor))
+
+  i.e. C = int(max(ceil(S K / E) CF, CF)) with int() truncation, evaluated
+  with the same float operations (no noise rounding, so the same C as
+  MaxText, float noise included). For S, K >= 1, ceil(S K / E) >= 1 and the
+  max(., CF) never binds; it only keeps C > 0 when S K = 0.
+  """
+  tokens_per_batch = S * K
+  return int(
+    max(math.ceil(tokens_per_batch / E) * capacity_factor, capacity_factor)
+  )
+
+
+def _praxis_capacity(
+  S: int, E: int, capacity_factor: float, min_capacity: int
+) -> int:
+  """praxis's expert capacity, as coded in google/praxis
+  praxis/gshard_utils.py (`top2_gating_on_logits`, `topk_gating_on_logits`):
+
+    auto_expert_capacity = int(group_size_dim * capacity_factor / experts_dim)
+    if expert_capacity_dim < auto_expert_capacity:
+      expert_capacity_dim = auto_expert_capacity
+      while expert_capacity_dim % 4: expert_capacity_dim += 1
+
+  with praxis's `expert_capacity_dim` in the role of `min_capacity`: C =
+  int(S CF / E) (truncation, no factor K) rounded up to a multiple of 4 when
+  it exceeds min_capacity; otherwise min_capacity, not rounded.
+  """
+  auto_capacity = int(S * capacity_factor / E)
+  if min_capacity >= auto_capacity:
+    return min_capacity
+  return -(-auto_capacity // 4) * 4
 
 
 def compute_capacity(
@@ -268,10 +376,20 @@ def compute_capacity(
   if min_capacity < 0:
     raise ValueError(f"min_capacity={min_capacity} must be >= 0.")
   spec = CAPACITY_RULES[rule]
-  share = capacity_factor * group_size * (top_k if spec.times_k else 1)
-  # Round away float noise (1.1 * 400 / 8 = 55.000000000000007) first.
-  capacity = _ROUNDINGS[spec.rounding](round(share / num_experts, 9))
-  capacity = -(-capacity // spec.multiple_of) * spec.multiple_of
+  if spec.formula == "maxtext":
+    capacity = _maxtext_capacity(
+      group_size, num_experts, top_k, capacity_factor
+    )
+  elif spec.formula == "praxis":
+    capacity = _praxis_capacity(
+      group_size, num_experts, capacity_factor, min_capacity
+    )
+  else:
+    share = capacity_factor * group_size * (top_k if spec.times_k else 1)
+    # Round away float noise (1.1 * 400 / 8 = 55.000000000000007) first.
+    capacity = _ROUNDINGS[spec.rounding](round(share / num_experts, 9))
+    capacity = -(-capacity // spec.multiple_of) * spec.multiple_of
+  # Clamping to S changes no drop: an expert gets at most S pairs per group.
   return int(min(max(capacity, min_capacity), group_size))
 
 
@@ -288,6 +406,7 @@ def assign_slots(
   capacity: int,
   priority: str = "k_major",
   priority_score_GS: jax.Array | None = None,
+  counted_GSK: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Gives every eligible (token, choice) pair a slot, in priority order.
 
@@ -300,18 +419,28 @@ def assign_slots(
                       `priority_score_GS` (V-MoE BPR, Riquelme 2021 §3.1:
                       the score is the token's top-1 probability; the sort
                       is stable, so equal scores keep token order).
-  The slot counter advances for dropped pairs too (GShard Alg. 1): a pair is
-  dropped iff at least `capacity` earlier eligible pairs chose its expert.
-  Ineligible pairs (padding, or a second choice a policy discarded) take no
-  slot.
+  The slot counter advances for pairs dropped by capacity too (GShard Alg.
+  1, in both loops over tokens): a pair is dropped iff at least `capacity`
+  earlier counted pairs chose its expert.
+
+  `counted_GSK` (default: `eligible_GSK`) marks the pairs that advance the
+  counter (an eligible pair always does). By default an ineligible
+  pair (padding, or a later choice a policy rejected) takes no slot
+  (Lingvo, Mesh-TensorFlow: "kept_only" in `SECOND_CHOICE_COUNTINGS`).
+  GShard Alg. 1 counts a rejected second choice too ("gshard_alg1"): pass
+  the policy-rejected pairs as counted but not eligible. Such a pair gets
+  the slot number it used up in position_GSK and is never kept.
 
   Returns:
     position_GSK (int32) and kept_GSK (bool).
   """
   chex.assert_equal_shape([expert_index_GSK, eligible_GSK])
   G, S, K = expert_index_GSK.shape
+  if counted_GSK is None:
+    counted_GSK = eligible_GSK
+  chex.assert_equal_shape([expert_index_GSK, counted_GSK])
   onehot_GSKE = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=jnp.int32)
-  onehot_GSKE = onehot_GSKE * eligible_GSK[..., None]
+  onehot_GSKE = onehot_GSKE * (counted_GSK | eligible_GSK)[..., None]
   if priority == "batch_priority":
     if priority_score_GS is None:
       raise ValueError("priority='batch_priority' needs priority_score_GS.")
@@ -327,7 +456,7 @@ def assign_slots(
     raise ValueError(
       f"unknown priority={priority!r}; allowed: {list(PRIORITIES)}."
     )
-  # Slot of each pair in its expert's buffer = eligible pairs before it.
+  # Slot of each pair in its expert's buffer = counted pairs before it.
   slots_GNE = jnp.cumsum(ordered_GNE, axis=1) - ordered_GNE
   if priority == "token_major":
     slots_GSKE = slots_GNE.reshape(G, S, K, -1)
@@ -359,6 +488,7 @@ def route_choices(
   eligible_GSK: jax.Array | None = None,
   renormalize_after_drop: bool = False,
   padding_mask_GS: jax.Array | None = None,
+  counted_GSK: jax.Array | None = None,
 ) -> Routing:
   """Applies capacity to choices already made; the last step of every
   tokens-choose router (learned or not).
@@ -370,9 +500,11 @@ def route_choices(
       the metrics and the batch-priority score max_e p).
     capacity: C slots per expert per group.
     priority: drop-priority order, see `assign_slots`.
-    eligible_GSK: pairs allowed to take a slot (default: all).
+    eligible_GSK: pairs allowed to be dispatched (default: all).
     renormalize_after_drop: see `route_tokens`.
     padding_mask_GS: 1/True for real tokens; padded tokens take no slot.
+    counted_GSK: pairs that advance their expert's slot counter (default:
+      the eligible ones); see `assign_slots`.
 
   Returns:
     A `Routing`; dropped pairs have gate exactly 0.
@@ -381,9 +513,13 @@ def route_choices(
   num_experts = probs_GSE.shape[-1]
   if eligible_GSK is None:
     eligible_GSK = jnp.ones(expert_index_GSK.shape, bool)
+  if counted_GSK is None:
+    counted_GSK = eligible_GSK
   if padding_mask_GS is not None:
     chex.assert_shape(padding_mask_GS, probs_GSE.shape[:2])
-    eligible_GSK = eligible_GSK & padding_mask_GS.astype(bool)[..., None]
+    real_GS1 = padding_mask_GS.astype(bool)[..., None]
+    eligible_GSK = eligible_GSK & real_GS1
+    counted_GSK = counted_GSK & real_GS1
   position_GSK, kept_GSK = assign_slots(
     expert_index_GSK,
     eligible_GSK,
@@ -391,6 +527,7 @@ def route_choices(
     capacity,
     priority,
     priority_score_GS=jnp.max(probs_GSE, axis=-1),
+    counted_GSK=counted_GSK,
   )
   gates_GSK = jnp.where(kept_GSK, gates_GSK, 0.0)
   if renormalize_after_drop:
@@ -414,9 +551,11 @@ def route_tokens(
   priority: str = "k_major",
   second_policy: str = "all",
   second_threshold: float = 0.2,
+  second_choice_counting: str = "kept_only",
   renormalize_after_drop: bool = False,
   padding_mask_GS: jax.Array | None = None,
   rng: jax.Array | None = None,
+  softmax_dtype=jnp.float32,
 ) -> Routing:
   """Tokens-choose top-K routing of groups of tokens with capacity.
 
@@ -428,6 +567,10 @@ def route_tokens(
     priority: drop-priority order, see `assign_slots`.
     second_policy: see `second_choice_mask`.
     second_threshold: threshold of the "threshold" policy.
+    second_choice_counting: whether a choice the policy rejected still
+      advances its expert's slot counter: "kept_only" (no; Lingvo,
+      Mesh-TensorFlow) or "gshard_alg1" (yes; GShard Alg. 1). See
+      `SECOND_CHOICE_COUNTINGS`; the two agree under policy "all".
     renormalize_after_drop: divide the surviving gates by their sum after
       capacity, so a token that lost its second expert gets weight 1 on the
       first (fairseq, DeepSpeed). False keeps the weights as gated before
@@ -435,6 +578,7 @@ def route_tokens(
     padding_mask_GS: 1/True for real tokens; padded tokens take no slot and
       get no expert.
     rng: key for the "random" second policy.
+    softmax_dtype: dtype of the router softmax (`router_probabilities`).
 
   Returns:
     A `Routing`.
@@ -442,11 +586,17 @@ def route_tokens(
   chex.assert_rank(logits_GSE, 3)
   num_experts = logits_GSE.shape[-1]
   convention = gate_convention(router, top_k, num_experts)
-  probs_GSE = router_probabilities(logits_GSE)
-  expert_index_GSK, gates_GSK = top_k_gates(logits_GSE, top_k, convention)
+  _check_second_choice_counting(second_choice_counting)
+  probs_GSE = router_probabilities(logits_GSE, softmax_dtype)
+  expert_index_GSK, gates_GSK = top_k_gates(
+    logits_GSE, top_k, convention, softmax_dtype
+  )
   eligible_GSK = second_choice_mask(
     gates_GSK, second_policy, threshold=second_threshold, rng=rng
   )
+  counted_GSK = None  # "kept_only": the eligible pairs
+  if second_choice_counting == "gshard_alg1":
+    counted_GSK = jnp.ones(eligible_GSK.shape, bool)
   return route_choices(
     expert_index_GSK,
     gates_GSK,
@@ -456,6 +606,7 @@ def route_tokens(
     eligible_GSK=eligible_GSK,
     renormalize_after_drop=renormalize_after_drop,
     padding_mask_GS=padding_mask_GS,
+    counted_GSK=counted_GSK,
   )
 
 
@@ -522,6 +673,7 @@ def expert_choice_route(
   logits_GSE: jax.Array,
   capacity: int,
   padding_mask_GS: jax.Array | None = None,
+  softmax_dtype=jnp.float32,
 ) -> Routing:
   """Experts choose tokens (Zhou et al. 2022; paper details unverified, as
   coded in google/flaxformer `ExpertsChooseMaskedRouter` and vmoe
@@ -549,6 +701,7 @@ def expert_choice_route(
     logits_GSE: router logits z.
     capacity: C tokens per expert per group, 0 <= C <= S.
     padding_mask_GS: 1/True for real tokens.
+    softmax_dtype: dtype of the score softmax (`router_probabilities`).
 
   Returns:
     A `Routing` with K = E.
@@ -560,7 +713,8 @@ def expert_choice_route(
       f"expert choice capacity={capacity} must be in [0, S={S}]: an expert "
       "cannot take more tokens than its group holds."
     )
-  probs_GSE = router_probabilities(logits_GSE)  # Zhou 2022: S = softmax(XW_g)
+  # Zhou 2022: S = softmax(X W_g)
+  probs_GSE = router_probabilities(logits_GSE, softmax_dtype)
   if padding_mask_GS is None:
     real_GS = jnp.ones((G, S), bool)
   else:
@@ -592,7 +746,9 @@ def expert_choice_route(
 
 
 def soft_mixture_route(
-  logits_GSE: jax.Array, padding_mask_GS: jax.Array | None = None
+  logits_GSE: jax.Array,
+  padding_mask_GS: jax.Array | None = None,
+  softmax_dtype=jnp.float32,
 ) -> Routing:
   """The dense mixture of experts (Jacobs et al. 1991; equation numbers
   unverified), in the notation of Shazeer et al. 2017 Eqs. 1-2:
@@ -611,6 +767,7 @@ def soft_mixture_route(
     top_k=E,
     capacity=S,
     padding_mask_GS=padding_mask_GS,
+    softmax_dtype=softmax_dtype,
   )
 
 

@@ -7,6 +7,7 @@ import warnings
 import chex
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -363,6 +364,19 @@ def test_experts_are_independent():
     ),
     (dict(priority="random"), "unknown priority='random'"),
     (dict(router="switch", top_k=2), "top_k=2"),
+    (dict(router_dtype="float16"), "unknown router_dtype='float16'"),
+    (
+      dict(router="deepseek", top_k=2, router_dtype="bfloat16"),
+      "router_dtype='bfloat16' with router='deepseek'",
+    ),
+    (
+      dict(router="sinkhorn", allow_noncausal=True, router_dtype="bfloat16"),
+      "router_dtype='bfloat16' with router='sinkhorn'",
+    ),
+    (
+      dict(second_choice_counting="alg1"),
+      "unknown second_choice_counting='alg1'",
+    ),
   ],
 )
 def test_bad_config_errors_name_the_value(overrides, message):
@@ -576,3 +590,158 @@ def test_non_learned_routers_have_no_router_and_no_aux_loss(router):
     np.testing.assert_array_equal(experts[0], experts[2])
     with pytest.raises(ValueError, match="needs|token_ids_BL"):
       layer.apply({"params": params}, x_BLD, deterministic=True)
+
+
+# ---------------------------------------------------------------------------
+# Router precision (Switch §2.4 and Table 2).
+
+
+def _dot_dtypes(fn, *args):
+  """(operand dtypes, result dtype) of every dot_general in fn's jaxpr."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(
+          (
+            tuple(v.aval.dtype for v in eqn.invars),
+            eqn.outvars[0].aval.dtype,
+          )
+        )
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr)
+  return found
+
+
+def test_float32_router_dot_is_float32_under_bfloat16_activations():
+  """REFERENCE §i "fp32 router under bf16": with bfloat16 activations the
+  router's dot x W_r takes float32 operands and returns float32."""
+  x_GSD = jax.random.normal(jax.random.key(20), (2, 8, D), jnp.bfloat16)
+  router = Router(E)
+  params = router.init(jax.random.key(0), x_GSD, deterministic=True)
+  dots = _dot_dtypes(
+    lambda p, x: router.apply(p, x, deterministic=True), params, x_GSD
+  )
+  assert dots == [((jnp.float32, jnp.float32), jnp.float32)]
+
+
+def test_bfloat16_router_logits_are_the_rounded_numpy_dot():
+  """router_dtype bfloat16 (Switch Table 2's bf16 router): the dot takes
+  bfloat16 operands and returns bfloat16 logits, equal to the float64 NumPy
+  product of the bfloat16-rounded x and W_r, rounded to bfloat16 (to one
+  bfloat16 ulp, 2^-8 relative); they differ from the float32 logits. The
+  kernel and the bias stay float32 parameters."""
+  x_GSD = jax.random.normal(jax.random.key(21), (2, 8, D))
+  router16 = Router(E, use_bias=True, dtype=jnp.bfloat16)
+  params = router16.init(jax.random.key(0), x_GSD, deterministic=True)
+  params = jax.tree.map(lambda w: w + 0.3, params)  # a non-zero bias
+  assert params["params"]["kernel"].dtype == jnp.float32
+  assert params["params"]["bias"].dtype == jnp.float32
+  logits16 = router16.apply(params, x_GSD, deterministic=True)
+  assert logits16.dtype == jnp.bfloat16
+  dots = _dot_dtypes(
+    lambda p, x: router16.apply(p, x, deterministic=True), params, x_GSD
+  )
+  assert dots == [((jnp.bfloat16, jnp.bfloat16), jnp.bfloat16)]
+
+  def bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), float)
+
+  x64 = bf16(x_GSD)
+  w64 = bf16(params["params"]["kernel"])
+  b64 = bf16(params["params"]["bias"])
+  expected = bf16(bf16(x64 @ w64) + b64)
+  got = np.asarray(logits16, np.float64)
+  np.testing.assert_allclose(got, expected, rtol=2.0**-8, atol=1e-6)
+  assert np.mean(got == expected) > 0.9  # mostly bit-equal
+  logits32 = Router(E, use_bias=True).apply(params, x_GSD, deterministic=True)
+  assert logits32.dtype == jnp.float32
+  assert not np.array_equal(np.asarray(logits32, np.float64), got)
+  np.testing.assert_allclose(got, logits32, rtol=0.02, atol=0.02)
+
+
+def test_bfloat16_router_layer_rounds_logits_and_probabilities():
+  """MoeLayer(router_dtype="bfloat16"): sown logits are bfloat16 and the
+  Switch gates (raw p) are bfloat16 numbers, within bfloat16 rounding of
+  the float64 softmax of those logits; losses stay float32."""
+  x_BLD = jax.random.normal(jax.random.key(22), (2, 8, D))
+  config = _config(router_dtype="bfloat16", eval_capacity_factor=4.0)
+  layer, params = _init(config, x_BLD)
+  _, sown = _apply(layer, params, x_BLD, deterministic=True)
+  logits = sown["intermediates"]["router_logits"][0]
+  assert logits.dtype == jnp.bfloat16
+  z64 = np.asarray(logits, np.float64)
+  p64 = np.exp(z64 - z64.max(-1, keepdims=True))
+  p64 /= p64.sum(-1, keepdims=True)
+  gates = np.asarray(sown["intermediates"]["gates"][0], np.float32)[..., 0]
+  np.testing.assert_array_equal(
+    gates, np.asarray(jnp.asarray(gates).astype(jnp.bfloat16), np.float32)
+  )
+  np.testing.assert_allclose(gates, p64.max(-1), rtol=6 * 2.0**-8)
+  assert sown["aux_loss"]["router_z_loss"][0].dtype == jnp.float32
+  assert sown["aux_loss"]["load_balancing_loss"][0].dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# GShard Alg. 1 counting, through the layer.
+
+
+def test_second_choice_counting_reaches_the_router():
+  """With a threshold policy that rejects many second choices and a scarce
+  capacity, Alg. 1's counting ("gshard_alg1") keeps the same first choices
+  (pass 1 is unchanged) and strictly fewer second choices than Lingvo's
+  ("kept_only"): rejected choices use up slots."""
+  x_BLD = jax.random.normal(jax.random.key(23), (4, 16, D))
+  kept = {}
+  for counting in ("kept_only", "gshard_alg1"):
+    config = _config(
+      router="gshard",
+      top_k=2,
+      second_policy="threshold",
+      second_threshold=0.35,
+      second_choice_counting=counting,
+      eval_capacity_factor=1.0,
+      allow_noncausal=True,
+    )
+    layer, params = _init(config, x_BLD)
+    params["router"]["kernel"] = params["router"]["kernel"] * 10.0  # peaky
+    _, sown = _apply(layer, params, x_BLD, deterministic=True)
+    kept[counting] = np.asarray(sown["intermediates"]["kept"][0])
+  np.testing.assert_array_equal(
+    kept["kept_only"][..., 0], kept["gshard_alg1"][..., 0]
+  )
+  assert np.all(kept["gshard_alg1"] <= kept["kept_only"])
+  assert kept["gshard_alg1"][..., 1].sum() < kept["kept_only"][..., 1].sum()
+
+
+# ---------------------------------------------------------------------------
+# Router logit metrics.
+
+
+@pytest.mark.parametrize("router", ["switch", "expert_choice", "deepseek"])
+def test_router_logit_metrics_are_sown(router):
+  """ST-MoE §3.3-3.4: every learned router sows max |z| and the mean
+  logsumexp_e z over real tokens, here against NumPy on the sown logits."""
+  x_BLD = jax.random.normal(jax.random.key(24), (2, 8, D))
+  mask_BL = jnp.arange(8)[None] < jnp.array([[8], [5]])  # 3 padded tokens
+  layer, params = _init(_router_config(router), x_BLD)
+  params = jax.tree.map(lambda w: w * 3.0, params)  # larger logits
+  _, sown = _apply(
+    layer, params, x_BLD, deterministic=True, padding_mask_BL=mask_BL
+  )
+  z = np.asarray(sown["intermediates"]["router_logits"][0], np.float64)
+  real = np.asarray(mask_BL)
+  z_real = z[real]  # [T, E]
+  m = z_real.max(-1, keepdims=True)
+  lse = m[:, 0] + np.log(np.exp(z_real - m).sum(-1))
+  metrics = sown["moe_metrics"]
+  np.testing.assert_allclose(
+    metrics["router_logit_max_abs"][0], np.abs(z_real).max(), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics["router_logsumexp"][0], lse.mean(), rtol=1e-5
+  )

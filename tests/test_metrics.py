@@ -13,6 +13,7 @@ import pytest
 from moe_jax.metrics import (
   expert_choice_metrics,
   pool_batches,
+  router_logit_metrics,
   routing_metrics,
 )
 from moe_jax.routing import Routing
@@ -320,3 +321,47 @@ def test_opposite_overloads_pool_to_perfect_balance():
   key = "moe/layer_03/max_violation_after_bias"
   np.testing.assert_allclose(pooled[f"{key}_batch"], 1.0)
   np.testing.assert_allclose(pooled[f"{key}_global"], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Router logit statistics (ST-MoE §3.3-3.4, Eq. 5).
+
+
+def test_router_logit_metrics_by_hand():
+  """max |z| and mean_t logsumexp_e z_t over real tokens; the padded row
+  holds NaN and a huge logit, and counts in neither.
+
+    t0 z = [0, 0]            logsumexp = ln 2
+    t1 z = [ln 3, 0]         logsumexp = ln(3 + 1) = ln 4
+    t2 z = [-5, ln 1 = 0]    logsumexp = ln(e^-5 + 1)
+    t3 padded
+  max |z| = 5; mean logsumexp = (ln 2 + ln 4 + ln(1 + e^-5)) / 3.
+  """
+  z = np.array([[[0.0, 0.0], [math.log(3), 0.0], [-5.0, 0.0], [np.nan, 1e9]]])
+  mask = np.array([[1, 1, 1, 0]])
+  got = router_logit_metrics(jnp.asarray(z, jnp.float32), jnp.asarray(mask))
+  expected = (math.log(2) + math.log(4) + math.log(1 + math.exp(-5))) / 3
+  assert float(got["router_logit_max_abs"]) == pytest.approx(5.0)
+  assert float(got["router_logsumexp"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_router_logit_metrics_match_numpy_on_random_logits():
+  """Float64 NumPy reference on random bfloat16 logits (computed in float32)."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(scale=4.0, size=(3, 16, 8))
+  mask = rng.random((3, 16)) < 0.8
+  z16 = jnp.asarray(z, jnp.bfloat16)
+  z64 = np.asarray(z16, np.float64)[mask]
+  m = z64.max(-1, keepdims=True)
+  lse = m[:, 0] + np.log(np.exp(z64 - m).sum(-1))
+  got = router_logit_metrics(z16, jnp.asarray(mask))
+  assert got["router_logsumexp"].dtype == jnp.float32
+  np.testing.assert_allclose(got["router_logit_max_abs"], np.abs(z64).max())
+  np.testing.assert_allclose(got["router_logsumexp"], lse.mean(), rtol=1e-6)
+  no_mask = router_logit_metrics(z16)
+  z_all = np.asarray(z16, np.float64)
+  m_all = z_all.max(-1, keepdims=True)
+  lse_all = m_all[..., 0] + np.log(np.exp(z_all - m_all).sum(-1))
+  np.testing.assert_allclose(
+    no_mask["router_logsumexp"], lse_all.mean(), rtol=1e-6
+  )

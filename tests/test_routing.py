@@ -571,11 +571,44 @@ def test_random_policy_is_deterministic_given_the_key():
     ("vmoe", 6, 8, 1, 1.0, 0, 4),
     # megatron: ceil(K * S / E * CF). 2 * 512 / 8 * 1.25 = 160.
     ("megatron", 512, 8, 2, 1.25, 0, 160),
+    # maxtext: int(max(ceil(S * K / E) * CF, CF)).
+    # ceil(512 * 2 / 8) = 128; 128 * 1.25 = 160 -> 160.
+    ("maxtext", 512, 8, 2, 1.25, 0, 160),
+    # ceil(100 * 2 / 8) = 25; 25 * 1.0 = 25 -> 25 (vmoe gives 28).
+    ("maxtext", 100, 8, 2, 1.0, 0, 25),
+    # The ceil comes before CF: ceil(9 / 8) = 2; 2 * 2.0 = 4 -> 4, where
+    # gshard gives ceil(2.0 * 9 / 8) = ceil(2.25) = 3.
+    ("maxtext", 9, 8, 1, 2.0, 0, 4),
+    # int() truncates: ceil(64 / 8) = 8; 8 * 1.3 = 10.4 -> 10 (gshard: 11).
+    ("maxtext", 64, 8, 1, 1.3, 0, 10),
+    # MaxText's float arithmetic, noise included: ceil(100 / 1) = 100;
+    # 100 * 0.57 = 56.99999999999999 in float64 -> int 56.
+    ("maxtext", 100, 1, 1, 0.57, 0, 56),
+    # min_capacity: ceil(16 / 8) = 2; 2 * 1.0 = 2 -> max(2, 4) = 4.
+    ("maxtext", 16, 8, 1, 1.0, 4, 4),
+    # praxis: int(S * CF / E), no K, up to a multiple of 4 when above the
+    # minimum. 512 * 2.0 / 8 = 128 -> 128 (the 2S/E of GShard top-2).
+    ("praxis", 512, 8, 2, 2.0, 0, 128),
+    # 100 * 1.0 / 8 = 12.5 -> int 12 -> 12 (K = 2 is ignored).
+    ("praxis", 100, 8, 2, 1.0, 0, 12),
+    # 100 * 1.25 / 8 = 15.625 -> int 15 -> multiple of 4: 16.
+    ("praxis", 100, 8, 1, 1.25, 0, 16),
+    # 60 * 1.25 / 8 = 9.375 -> int 9 -> 12 (flaxformer rounds to 9).
+    ("praxis", 60, 8, 1, 1.25, 0, 12),
+    # int(48 / 8) = 6 > min 5 -> rounded up to 8.
+    ("praxis", 48, 8, 1, 1.0, 5, 8),
+    # int(40 / 8) = 5 <= min 5 -> 5, not rounded (praxis keeps its
+    # expert_capacity_dim when the automatic value is not larger).
+    ("praxis", 40, 8, 1, 1.0, 5, 5),
+    # int(8 / 8) = 1 <= min 1 -> 1 (praxis top-2 default, capacity dim 1).
+    ("praxis", 8, 8, 1, 1.0, 1, 1),
+    # int(8 / 8) = 1 > min 0 -> 4 (<= S = 8).
+    ("praxis", 8, 8, 1, 1.0, 0, 4),
   ],
 )
 def test_compute_capacity_by_hand(rule, S, E, K, CF, min_capacity, expected):
   """Capacity formulas of REFERENCE (c): Switch Eq. 3, GShard §2.2,
-  flaxformer, vmoe, Megatron-LM."""
+  flaxformer, vmoe, Megatron-LM, MaxText, praxis."""
   got = compute_capacity(S, E, K, CF, rule=rule, min_capacity=min_capacity)
   assert got == expected
   assert isinstance(got, int)
@@ -589,6 +622,8 @@ def test_every_capacity_rule_has_a_hand_case():
     "flaxformer",
     "vmoe",
     "megatron",
+    "maxtext",
+    "praxis",
   }
 
 
@@ -626,10 +661,13 @@ def test_compute_capacity_bounds(rule, S, E, K, CF, min_capacity):
   C = compute_capacity(S, E, K, CF, rule=rule, min_capacity=min_capacity)
   share = CF * S * (K if CAPACITY_RULES[rule].times_k else 1) / E
   assert min(min_capacity, S) <= C <= S
-  if CAPACITY_RULES[rule].rounding == "ceil":
+  rounding = CAPACITY_RULES[rule].rounding
+  if rounding == "ceil":
     assert C >= min(S, share - 1e-6)
-  else:
+  elif rounding == "round":
     assert C >= min(S, share - 0.5 - 1e-6)
+  else:  # int() truncation (MaxText, praxis) loses less than one slot
+    assert C >= min(S, share - 1 - 1e-6)
   if C < S and C > min_capacity:
     assert C % CAPACITY_RULES[rule].multiple_of == 0
 
@@ -814,3 +852,215 @@ def test_top_k_indices_match_lax_top_k_with_ties_and_minus_inf(
   expected = jax.lax.top_k(logits, top_k)[1]
   got = routing.top_k_indices(jnp.asarray(logits), top_k)
   np.testing.assert_array_equal(got, expected)
+
+
+# ---------------------------------------------------------------------------
+# GShard Alg. 1 slot counting of rejected second choices.
+
+
+def gshard_alg1_reference(logits_GSE, u_GS, capacity, counting):
+  """GShard (Lepikhin 2020) Alg. 1, line by line, in float64, per group:
+
+    for s in tokens:                       # pass 1: first choices
+      g1, e1, g2, e2 = top_2(softmax(z_s)); g1, g2 = g / (g1 + g2)
+      c = c_{e1}; if c < C: keep (s, e1) at slot c; c_{e1} += 1
+    for s in tokens:                       # pass 2: second choices
+      rnd = u_s
+      c = c_{e2}; if c < C and 2 g2 > rnd: keep (s, e2) at slot c
+      c_{e2} += 1                          # "gshard_alg1": always
+                                           # "kept_only": only if 2 g2 > rnd
+
+  Returns kept `[G, S, 2]`, position `[G, S, 2]` (-1: took no slot) and the
+  gates after capacity `[G, S, 2]`.
+  """
+  logits_GSE = np.asarray(logits_GSE, np.float64)
+  G, S, E = logits_GSE.shape
+  kept = np.zeros((G, S, 2), bool)
+  position = np.full((G, S, 2), -1, np.int64)
+  gates = np.zeros((G, S, 2))
+  for g in range(G):
+    top2 = []
+    for s in range(S):
+      p_E = _softmax64(logits_GSE[g, s])
+      e1, e2 = sorted(range(E), key=lambda e: (-p_E[e], e))[:2]
+      total = p_E[e1] + p_E[e2]
+      top2.append((p_E[e1] / total, e1, p_E[e2] / total, e2))
+    counter_E = [0] * E
+    for s in range(S):  # pass 1
+      g1, e1, _, _ = top2[s]
+      position[g, s, 0] = counter_E[e1]
+      if counter_E[e1] < capacity:
+        kept[g, s, 0] = True
+        gates[g, s, 0] = g1
+      counter_E[e1] += 1
+    for s in range(S):  # pass 2
+      _, _, g2, e2 = top2[s]
+      accepted = 2.0 * g2 > u_GS[g, s]
+      if accepted or counting == "gshard_alg1":
+        position[g, s, 1] = counter_E[e2]
+      if counter_E[e2] < capacity and accepted:
+        kept[g, s, 1] = True
+        gates[g, s, 1] = g2
+      if accepted or counting == "gshard_alg1":
+        counter_E[e2] += 1
+  return kept, position, gates
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_second_choice_counting_matches_gshard_alg1_loop(seed):
+  """Both countings against the float64 loop of GShard Alg. 1 above, with
+  the draws u the "random" policy takes from its key (u[..., 1] for the
+  second choice), at capacities from scarce to ample."""
+  G, S, E = 2, 16, 4
+  logits = _distinct_logits(np.random.default_rng(seed), G, S, E)
+  key = jax.random.key(100 + seed)
+  u_GS = np.asarray(jax.random.uniform(key, (G, S, 2), jnp.float32))[..., 1]
+  differ = False
+  for capacity in (2, 4, 6, 8):
+    refs = {}
+    for counting in routing.SECOND_CHOICE_COUNTINGS:
+      kept, position, gates = gshard_alg1_reference(
+        logits, u_GS.astype(np.float64), capacity, counting
+      )
+      refs[counting] = kept
+      out = route_tokens(
+        jnp.asarray(logits),
+        router="gshard",
+        top_k=2,
+        capacity=capacity,
+        second_policy="random",
+        second_choice_counting=counting,
+        rng=key,
+      )
+      np.testing.assert_array_equal(out.kept_GSK, kept)
+      took_slot = position >= 0
+      np.testing.assert_array_equal(
+        np.asarray(out.position_GSK)[took_slot], position[took_slot]
+      )
+      np.testing.assert_allclose(out.gates_GSK, gates, rtol=1e-5, atol=1e-7)
+    # Alg. 1's counter only runs ahead of Lingvo's: it never keeps more.
+    assert np.all(refs["gshard_alg1"] <= refs["kept_only"])
+    differ |= bool(np.any(refs["gshard_alg1"] != refs["kept_only"]))
+  assert differ  # the draws discriminate the two countings
+
+
+class SecondChoiceCountingTest(chex.TestCase):
+  """Hand-worked GShard Alg. 1 counting, with and without jit."""
+
+  # E = 2, so the renormalised gates are p itself. Threshold 0.2 rejects
+  # t0's second choice (0.1) and keeps the others (0.3, 0.4, 0.4).
+  #   t0 p=[0.9, 0.1]  first e0, second e1 (rejected)
+  #   t1 p=[0.7, 0.3]  first e0, second e1
+  #   t2 p=[0.6, 0.4]  first e0, second e1
+  #   t3 p=[0.4, 0.6]  first e1, second e0
+  _LOGITS = np.log(
+    np.array([[[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.4, 0.6]]])
+  ).astype(np.float32)
+
+  def _route(self, counting, padding_mask_GS=None):
+    fn = self.variant(
+      functools.partial(
+        route_tokens,
+        router="gshard",
+        top_k=2,
+        capacity=2,
+        second_policy="threshold",
+        second_threshold=0.2,
+        second_choice_counting=counting,
+      )
+    )
+    return fn(jnp.asarray(self._LOGITS), padding_mask_GS=padding_mask_GS)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rejected_second_choice_takes_a_slot_only_in_alg1(self):
+    # C = 2, k-major. Pass 1: e0 <- t0 slot 0, t1 slot 1, t2 slot 2
+    # (dropped); e1 <- t3 slot 0. Counters e0 = 3, e1 = 1.
+    # kept_only, pass 2: t0 rejected, no slot; t1 -> e1 slot 1 kept;
+    #   t2 -> e1 slot 2 dropped; t3 -> e0 slot 3 dropped.
+    # gshard_alg1, pass 2: t0 rejected but takes e1 slot 1; t1 -> e1 slot 2
+    #   dropped; t2 -> e1 slot 3 dropped; t3 -> e0 slot 3 dropped.
+    lingvo = self._route("kept_only")
+    alg1 = self._route("gshard_alg1")
+    np.testing.assert_array_equal(
+      lingvo.kept_GSK, [[[1, 0], [1, 1], [0, 0], [1, 0]]]
+    )
+    np.testing.assert_array_equal(
+      alg1.kept_GSK, [[[1, 0], [1, 0], [0, 0], [1, 0]]]
+    )
+    np.testing.assert_array_equal(
+      np.asarray(alg1.position_GSK), [[[0, 1], [1, 2], [2, 3], [0, 3]]]
+    )
+    np.testing.assert_array_equal(
+      np.asarray(lingvo.position_GSK)[0, 1:], [[1, 1], [2, 2], [0, 3]]
+    )
+    np.testing.assert_allclose(
+      lingvo.gates_GSK, [[[0.9, 0], [0.7, 0.3], [0, 0], [0.6, 0]]], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+      alg1.gates_GSK, [[[0.9, 0], [0.7, 0], [0, 0], [0.6, 0]]], rtol=1e-6
+    )
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_padding_takes_no_slot_in_alg1(self):
+    # t0 padded: pass 1 e0 <- t1 slot 0, t2 slot 1; e1 <- t3 slot 0.
+    # Pass 2: t1 -> e1 slot 1 kept; t2 -> e1 slot 2 dropped; t3 -> e0 slot
+    # 2 dropped. t0's second choice counts nowhere, padded as it is.
+    out = self._route("gshard_alg1", jnp.array([[0, 1, 1, 1]]))
+    np.testing.assert_array_equal(
+      out.kept_GSK, [[[0, 0], [1, 1], [1, 0], [1, 0]]]
+    )
+
+
+def test_unknown_second_choice_counting():
+  with pytest.raises(ValueError, match="second_choice_counting='gshard'"):
+    _route(second_choice_counting="gshard")
+
+
+# ---------------------------------------------------------------------------
+# Router softmax without selective precision.
+
+
+def test_bfloat16_softmax_rounds_the_probabilities():
+  """Switch Table 2's bfloat16 router: p = softmax(z) computed in bfloat16
+  is within a few bfloat16 ulps (2^-8 relative each: exp, sum, divide) of
+  the float64 softmax of the bfloat16-rounded z, every value is a bfloat16
+  number, and it differs from the float32 (selective precision) softmax;
+  both come back as float32."""
+  z = np.random.default_rng(3).normal(size=(2, 16, 8)).astype(np.float32)
+  z16 = np.asarray(jnp.asarray(z).astype(jnp.bfloat16), np.float64)
+  p64 = np.array([[_softmax64(row) for row in group] for group in z])
+  p64_of_z16 = np.array([[_softmax64(row) for row in group] for group in z16])
+  p16 = routing.router_probabilities(jnp.asarray(z), jnp.bfloat16)
+  p32 = routing.router_probabilities(jnp.asarray(z))
+  assert p16.dtype == jnp.float32 and p32.dtype == jnp.float32
+  p16 = np.asarray(p16)
+  rounded = np.asarray(jnp.asarray(p16).astype(jnp.bfloat16), np.float32)
+  np.testing.assert_array_equal(p16, rounded)
+  np.testing.assert_allclose(p16, p64_of_z16, rtol=6 * 2.0**-8)
+  np.testing.assert_allclose(p32, p64, rtol=1e-6)
+  assert np.max(np.abs(p16 - np.asarray(p32))) > 1e-4
+
+
+def test_bfloat16_softmax_flows_into_the_gates():
+  """route_tokens(softmax_dtype=bfloat16): Switch gates (raw p) are the
+  bfloat16-rounded probabilities of the chosen experts."""
+  z = np.random.default_rng(4).normal(size=(1, 8, 4)).astype(np.float32)
+  out = route_tokens(
+    jnp.asarray(z),
+    router="switch",
+    top_k=1,
+    capacity=8,
+    softmax_dtype=jnp.bfloat16,
+  )
+  z16 = np.asarray(jnp.asarray(z).astype(jnp.bfloat16), np.float64)
+  top1 = np.array([[_softmax64(row).max() for row in z16[0]]])[..., None]
+  gates = np.asarray(out.gates_GSK)
+  np.testing.assert_array_equal(
+    gates, np.asarray(jnp.asarray(gates).astype(jnp.bfloat16), np.float32)
+  )
+  np.testing.assert_allclose(gates, top1, rtol=6 * 2.0**-8)
+
+
+def test_unknown_softmax_dtype():
+  with pytest.raises(ValueError, match="softmax_dtype"):
+    routing.router_probabilities(jnp.zeros((1, 2, 3)), jnp.float16)
