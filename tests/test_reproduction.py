@@ -17,6 +17,7 @@ from moe_jax.reproduction import Arm, Claim, Suite
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import reproduce  # noqa: E402
+import tiny  # noqa: E402  (pytest puts tests/ on sys.path)
 
 SUITES = reproduce.suite_names()
 
@@ -271,3 +272,26 @@ def test_a_diverged_run_is_a_result(tmp_path, monkeypatch):
   assert record["status"] == "diverged" and record["diverged_step"] == 20
   assert record["summary"]["stable"] == 0.0
   assert "eval_loss" not in record["summary"]
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_gpu_scale_arm_trains_one_step_at_reduced_size(name, tmp_path):
+  """The gpu-scale config of each suite's first arm (bf16 activations,
+  float32 router, the suite's routing), shrunk to CPU size, takes one
+  training step with a finite loss."""
+  module = reproduce.load_suite(name)
+  arm = module.SUITE.arms_at("gpu")[0]
+  config = module.get_config(f"{arm.args},scale=gpu,seed=0")
+  assert config.model.dtype == "bfloat16"
+  assert config.model.moe.router_dtype == "float32"
+  assert config.data.seq_len == 1024 and config.model.d_model == 768
+  tiny.shrink(config, tmp_path)
+  if config.model.moe.num_experts:
+    config.model.moe.num_experts = module.get_config(arm.args).model.moe.num_experts
+    config.model.moe.expert_dim = min(config.model.moe.expert_dim, 64)
+    config.model.moe.shared_expert_dim = min(
+      config.model.moe.shared_expert_dim, 64
+    )
+  config.model.moe.group_size = 64
+  rows = tiny.train_briefly(config, 1)
+  assert np.isfinite(rows[0]["loss"])
