@@ -61,6 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.moe.priority = (
     "k_major"  # "k_major" | "token_major" | "batch_priority"
   )
+  # Drop order at evaluation, for the eval_router too ("": priority);
+  # "token_major" keeps a top-K (K >= 2) evaluation causal.
+  config.model.moe.eval_priority = ""
   config.model.moe.second_policy = (
     "all"  # GShard: "all" | "random" | "threshold"
   )

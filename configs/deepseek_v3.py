@@ -3,7 +3,8 @@
 16 fine-grained routed experts of width 128 (a quarter of the dense FFN's
 512; DeepSeekMoE's fine-grained segmentation) plus 1 shared expert of width
 128, in every other feed-forward block, SwiGLU experts. Each token chooses
-K = 4 routed experts (active routed width 4 x 128 = the dense 512):
+K = 4 routed experts (active routed width 4 x 128 = the dense 512; with the
+shared expert 640, the width of its dense twin, num_experts=0):
 
   s = sigmoid(z)                                   (Eq. 15, float32)
   chosen = TopK(s + b) within the 2 best of 4 expert groups of 4, a group

@@ -4,7 +4,10 @@ The same transformer with num_experts = 0: every block that holds an MoE
 layer in the Switch config gets a dense FFN of width top_k * expert_dim =
 512 instead, so each token costs the same FLOPs as in the MoE model (minus
 the router's D*E). For the baseline of another MoE config, pass
---config.model.moe.num_experts=0 with that config.
+--config.model.moe.num_experts=0 with that config: its MoE blocks get the
+width of everything active per token, routed and shared experts
+(`moe_jax.models.transformer.dense_twin_dim`; e.g. 640 for
+configs/deepseek_v3.py, 4 x 128 routed + 128 shared).
 
   python -m moe_jax.train --config=configs/dense.py --workdir=runs/dense
 

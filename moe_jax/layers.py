@@ -105,24 +105,40 @@ _PRIORITY_FAMILIES = ("tokens_choose", "noisy_top_k", "vmoe", "sinkhorn")
 _PRIORITY_FAMILIES += ("hash", "random")
 
 
-def _noncausal_priority(config) -> str:
-  """Why `config`'s drop order is not causal in a decoder, or ''."""
-  family = routing.ROUTING_SCHEMES[config.router].family
-  if family not in _PRIORITY_FAMILIES or config.dispatch == "dropless":
-    return ""  # nothing is dropped by priority
-  if config.priority == "batch_priority":
+def _drop_order_leak(key: str, priority: str, top_k: int) -> str:
+  """Why drop order `priority` (config key `key`) is not causal, or ''."""
+  if priority == "batch_priority":
     return (
-      "priority='batch_priority' ranks the tokens of a group by their top "
+      f"{key}='batch_priority' ranks the tokens of a group by their top "
       "gate (V-MoE), so whether token t keeps its expert depends on later "
       "tokens' scores"
     )
-  if config.priority == "k_major" and config.top_k >= 2:
+  if priority == "k_major" and top_k >= 2:
     return (
-      f"priority='k_major' at top_k={config.top_k} places every first "
-      "choice of a group before any second choice, so later tokens' first "
-      "choices decide whether an earlier token keeps its second expert"
+      f"{key}='k_major' at top_k={top_k} places every first choice of a "
+      "group before any second choice, so later tokens' first choices "
+      "decide whether an earlier token keeps its second expert"
     )
   return ""
+
+
+def _noncausal_priority(config) -> tuple[str, str]:
+  """Why `config`'s drop order is not causal in a decoder, in training and
+  at evaluation (where `eval_router` and `eval_priority` apply); '' where
+  it is."""
+  if config.dispatch == "dropless":
+    return "", ""  # nothing is dropped
+  family = routing.ROUTING_SCHEMES[config.router].family
+  train_reason = eval_reason = ""
+  if family in _PRIORITY_FAMILIES:
+    train_reason = _drop_order_leak("priority", config.priority, config.top_k)
+  if config.eval_router or family in _PRIORITY_FAMILIES:
+    key = "eval_priority" if config.eval_priority else "priority"
+    eval_priority = config.eval_priority or config.priority
+    eval_reason = _drop_order_leak(key, eval_priority, config.top_k)
+    if eval_reason and key == "priority":
+      eval_reason += " (priority applies at evaluation too: eval_priority='')"
+  return train_reason, eval_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +155,7 @@ class MoeConfig:
   capacity_rule: str = "switch"
   min_capacity: int = 4
   priority: str = "k_major"
+  eval_priority: str = ""  # "": priority
   second_policy: str = "all"
   second_threshold: float = 0.2
   second_choice_counting: str = "kept_only"
@@ -196,14 +213,27 @@ class MoeConfig:
       )
     if not scheme.causal and not self.allow_noncausal:
       raise ValueError(_NONCAUSAL_ERRORS[self.router])
-    reason = _noncausal_priority(self)
-    if reason and not self.allow_noncausal:
+    if self.eval_priority:
+      _choice("eval_priority", self.eval_priority, routing.PRIORITIES)
+    train_reason, eval_reason = _noncausal_priority(self)
+    if (train_reason or eval_reason) and not self.allow_noncausal:
       warnings.warn(
-        f"{reason}: a decoder can read the future through its drops (a "
-        "second-order leak beside expert choice's). Use "
-        "priority='token_major' or dispatch='dropless' for a causal "
-        "decoder, or set allow_noncausal=True to keep this order (the "
-        "paper's) and silence this warning.",
+        f"{train_reason or eval_reason}: a decoder can read the future "
+        "through its drops (a second-order leak beside expert choice's). "
+        "Use priority='token_major' (eval_priority='token_major' at "
+        "evaluation only) or dispatch='dropless' for a causal decoder, or "
+        "set allow_noncausal=True to keep this order (the paper's) and "
+        "silence this warning.",
+        NoncausalRoutingWarning,
+        stacklevel=3,
+      )
+    elif eval_reason and self.eval_router:
+      # allow_noncausal accepts a leaking training router; the eval router
+      # is there for a causal evaluation, so its drop order still warns.
+      warnings.warn(
+        f"eval_router={self.eval_router!r} routes tokens-choose for a "
+        f"causal evaluation, but {eval_reason}: the evaluation reads the "
+        "future through its drops. Set eval_priority='token_major'.",
         NoncausalRoutingWarning,
         stacklevel=3,
       )
@@ -462,6 +492,7 @@ class _Inputs(NamedTuple):
   token_ids_GS: jax.Array | None
   capacity: int
   deterministic: bool
+  priority: str  # drop order of this call: eval_priority or priority
   batch_length: tuple[int, int]  # (B, L), to sow intermediates as [B, L, E]
 
 
@@ -481,7 +512,7 @@ def _tokens_choose(layer, inputs, logits_GSE, router=None):
     router=router or cfg.router,
     top_k=cfg.top_k,
     capacity=inputs.capacity,
-    priority=cfg.priority,
+    priority=inputs.priority,
     second_policy=policy,
     second_threshold=cfg.second_threshold,
     second_choice_counting=cfg.second_choice_counting,
@@ -568,7 +599,7 @@ def _sinkhorn(layer, inputs, logits_GSE):
     top_k=cfg.top_k,
     capacity=inputs.capacity,
     balanced=not inputs.deterministic,
-    priority=cfg.priority,
+    priority=inputs.priority,
     padding_mask_GS=inputs.mask_GS,
   )
   return route, {}
@@ -587,7 +618,7 @@ def _hash(layer, inputs):
     top_k=cfg.top_k,
     capacity=inputs.capacity,
     seed=cfg.routing_seed,
-    priority=cfg.priority,
+    priority=inputs.priority,
     padding_mask_GS=inputs.mask_GS,
   )
   return route, {}
@@ -605,7 +636,7 @@ def _random(layer, inputs):
     top_k=cfg.top_k,
     capacity=inputs.capacity,
     padding_mask_GS=inputs.mask_GS,
-    priority=cfg.priority,
+    priority=inputs.priority,
   )
   return route, {}
 
@@ -636,7 +667,7 @@ def _deepseek(layer, inputs, logits_GSE):
     top_groups=cfg.top_expert_groups,
     group_score_k=cfg.expert_group_score_k,
     routed_scaling_factor=cfg.routed_scaling_factor,
-    priority=cfg.priority,
+    priority=inputs.priority,
     padding_mask_GS=inputs.mask_GS,
   )
   load_E = deepseek.expert_load(route.expert_index_GSK, E, inputs.mask_GS)
@@ -718,8 +749,11 @@ class MoeLayer(nn.Module):
       # soft mixture: every expert takes every token; dropless: an expert
       # gets at most one pair per token, so C = S drops nothing.
       capacity = S
+    priority = cfg.priority
+    if deterministic and cfg.eval_priority:
+      priority = cfg.eval_priority
     inputs = _Inputs(
-      x_GSD, mask_GS, token_ids_GS, capacity, deterministic, (B, L)
+      x_GSD, mask_GS, token_ids_GS, capacity, deterministic, priority, (B, L)
     )
     route, aux_losses = self._route(inputs)
 

@@ -3,9 +3,12 @@
 import importlib.util
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from moe_jax import train
+from moe_jax import data, routing, train
+from moe_jax.models import TransformerConfig, TransformerLM
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name != "base.py")
@@ -57,3 +60,92 @@ def test_config_trains_two_steps(path, tmp_path_factory):
   config.train.progress_bar = False
   final = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("run")))
   assert final["eval/lm_loss"] > 0
+
+
+MOE_CONFIGS = [p for p in CONFIGS if load(p).get_config().model.moe.num_experts]
+
+
+def _forward_flops(config, batch_size):
+  """XLA's count of the FLOPs of one training-mode forward pass (compiled
+  HLO, `Compiled.cost_analysis()`: a dict in jax 0.10) at the config's
+  widths, on `batch_size` sequences of its length."""
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)
+  rngs = {k: jax.random.key(0) for k in ("params", "jitter", "routing")}
+  variables = jax.eval_shape(lambda: model.init(rngs, tokens))
+
+  def forward(variables, tokens):
+    logits, _ = model.apply(
+      variables,
+      tokens,
+      deterministic=False,
+      rngs=rngs,
+      mutable=["router_state", "aux_loss", "moe_metrics", "intermediates"],
+    )
+    return logits
+
+  # The FLOPs are counted on the optimised HLO; LLVM's optimisation level
+  # (machine code only) does not change them and saves a third of the time.
+  compiled = (
+    jax.jit(forward)
+    .lower(variables, tokens)
+    .compile(compiler_options={"xla_backend_optimization_level": 0})
+  )
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
+    (analysis,) = analysis
+  return float(analysis["flops"]), model.config
+
+
+@pytest.mark.parametrize("path", MOE_CONFIGS, ids=lambda p: p.stem)
+def test_dense_twin_is_flop_matched(path):
+  """`--config.model.moe.num_experts=0` turns an MoE config into its dense
+  twin; XLA's FLOP count of a forward pass must then match the MoE
+  model's within 1%, at the config's widths (d_model, expert_dim, shared
+  experts, gating). To keep the compiles short: 2 sequences of the
+  config's length, and moe_every blocks, the last one holding the MoE
+  layer (every MoE block is the same code, so one shows the match).
+
+  What is compared. The MoE model's FLOPs minus its routers' matmuls,
+  2 T D E per MoE layer (T tokens; twice for noisy_top_k, whose noise has
+  a second D x E matmul; none for hash and random routing), against the
+  twin's. The rest of the routing (softmax or sigmoid, top-k, slot counting,
+  the gate-weighted combine, the sown losses and metrics) stays in and must
+  fit in the 1%: measured 0.10-0.42% of the model here. It must also be
+  >= 0: a twin wider than the MoE layer fails. A twin of width K F alone,
+  without DeepSeek's shared expert, is 8% short and fails.
+
+  Expert FLOPs are compared at the level of the (token, expert) pairs, K
+  per token: dispatch="indices" (gathers, no one-hot einsum FLOPs) with
+  the capacity rule "gshard", capacity factor 1 and min_capacity 0, so the
+  E x C expert buffers hold exactly K S slots per group, the work a
+  dropless layer does, and no capacity slack (a factor > 1 would run the
+  experts over empty slots). Not dispatch="dropless" itself: XLA cannot
+  count its grouped matmul (a loop with data-dependent trip counts on CPU,
+  or a dense masked ragged_dot doing E times the work). Expert choice keeps
+  its own c (C = c S / E tokens per expert is its compute: c experts per
+  token on average)."""
+  config = load(path).get_config()
+  moe = config.model.moe
+  if routing.ROUTING_SCHEMES[moe.router].family != "expert_choice":
+    moe.dispatch = "indices"
+    moe.capacity_rule = "gshard"  # C = ceil(CF * K * S / E) = K S / E
+    moe.capacity_factor = 1.0
+    moe.min_capacity = 0
+  config.model.num_layers = config.model.moe_every
+  twin = config.copy_and_resolve_references()
+  twin.model.moe.num_experts = 0
+  B = 2
+  moe_flops, cfg = _forward_flops(config, B)
+  twin_flops, twin_cfg = _forward_flops(twin, B)
+
+  T, D, E = B * config.data.seq_len, cfg.d_model, moe.num_experts
+  layers = sum(cfg.is_moe_block(i) for i in range(cfg.num_layers))
+  scheme = routing.ROUTING_SCHEMES[moe.router]
+  matmuls = 0 if not scheme.learned else 2 if moe.router == "noisy_top_k" else 1
+  router_flops = layers * matmuls * 2 * T * D * E
+  routing_overhead = moe_flops - router_flops - twin_flops
+  assert 0 <= routing_overhead <= 0.01 * twin_flops, (
+    f"{path.stem}: MoE {moe_flops:.4g} - routers {router_flops:.4g} vs "
+    f"dense twin {twin_flops:.4g} (width {twin_cfg.dense_moe_dim})"
+  )

@@ -473,6 +473,38 @@ def test_noncausal_routers_are_refused_unless_allowed(router):
     (dict(router="switch", top_k=1, priority="k_major"), False),
     (dict(router="top_k", top_k=2, dispatch="dropless"), False),
     (dict(router="top_k", top_k=2, allow_noncausal=True), False),
+    # The drop order at evaluation counts too.
+    (dict(router="top_k", top_k=2, eval_priority="token_major"), True),
+    (
+      dict(
+        router="top_k",
+        top_k=2,
+        priority="token_major",
+        eval_priority="k_major",
+      ),
+      True,
+    ),
+    # allow_noncausal accepts expert choice's training leak, but its eval
+    # router is there for a causal evaluation: a leaking order still warns.
+    (
+      dict(
+        router="expert_choice",
+        top_k=2,
+        allow_noncausal=True,
+        eval_router="top_k",
+      ),
+      True,
+    ),
+    (
+      dict(
+        router="expert_choice",
+        top_k=2,
+        allow_noncausal=True,
+        eval_router="top_k",
+        eval_priority="token_major",
+      ),
+      False,
+    ),
   ],
 )
 def test_noncausal_drop_orders_warn_unless_allowed(overrides, warns):
@@ -483,8 +515,46 @@ def test_noncausal_drop_orders_warn_unless_allowed(overrides, warns):
     MoeConfig(**overrides)
   found = [w for w in caught if w.category is NoncausalRoutingWarning]
   assert bool(found) == warns, [str(w.message) for w in caught]
-  if warns:
-    assert "allow_noncausal=True" in str(found[0].message)
+  if warns:  # the message names the fix
+    message = str(found[0].message)
+    if overrides.get("allow_noncausal"):
+      assert "Set eval_priority='token_major'" in message
+    else:
+      assert "allow_noncausal=True" in message
+
+
+def test_eval_priority_is_the_drop_order_at_evaluation_only():
+  """priority='k_major', eval_priority='token_major', K = 2, C = 1. Token 0
+  ranks experts (0, 1), token 1 ranks (1, 0) (router kernel set by hand).
+    k-major (training): firsts t0->e0 slot 0, t1->e1 slot 0, kept; seconds
+      t0->e1 slot 1, t1->e0 slot 1, dropped: kept = [[1, 0], [1, 0]].
+    token-major (evaluation): t0->e0 slot 0, t0->e1 slot 0, kept; t1->e1
+      slot 1, t1->e0 slot 1, dropped: kept = [[1, 1], [0, 0]]."""
+  config = _config(
+    router="top_k",
+    top_k=2,
+    group_size=2,
+    capacity_factor=0.5,  # C = ceil(0.5 * 2 / 4) = 1
+    eval_capacity_factor=0.5,
+    eval_priority="token_major",
+  )
+  x_BLD = jnp.zeros((1, 2, D)).at[0, 0, 0].set(1.0).at[0, 1, 1].set(1.0)
+  layer, params = _init(config, x_BLD)
+  kernel = np.zeros((D, E), np.float32)
+  kernel[0, :2] = [2.0, 1.0]
+  kernel[1, :2] = [1.0, 2.0]
+  params["router"]["kernel"] = jnp.asarray(kernel)
+  expected = {True: [[1, 1], [0, 0]], False: [[1, 0], [1, 0]]}
+  for deterministic, kept in expected.items():
+    _, sown = _apply(layer, params, x_BLD, deterministic=deterministic)
+    np.testing.assert_array_equal(
+      sown["intermediates"]["expert_index"][0][0], [[0, 1], [1, 0]]
+    )
+    np.testing.assert_array_equal(
+      sown["intermediates"]["kept"][0][0], np.asarray(kept, bool)
+    )
+  with pytest.raises(ValueError, match="unknown eval_priority='nope'"):
+    _config(eval_priority="nope")
 
 
 def test_expert_choice_evaluates_as_tokens_choose_with_eval_router():

@@ -8,10 +8,12 @@ Pre-LayerNorm blocks: x += Attention(LN(x)); x += FFN(LN(x)), where FFN is an
 ...; 1 = every block, 2 = every other block as in Switch and GLaM) and a
 dense `MlpBlock` of width `mlp_dim` elsewhere.
 
-The dense baseline is the same code with `num_experts = 0`: the blocks that
-would hold an MoE layer get a dense FFN of width top_k * expert_dim instead,
-so the baseline does the same FLOPs per token as the MoE model's active
-parameters (Switch §2: "FLOP-matched"), up to the router's D*E.
+The dense baseline is the same code with `num_experts = 0` (any MoE config
+becomes its own "dense twin"): the blocks that would hold an MoE layer get
+a dense FFN of width `dense_twin_dim(config.model.moe)`, every hidden unit
+the MoE layer runs per token, so the baseline does the same FLOPs per token
+as the MoE model's active parameters (Switch §2: "FLOP-matched"), up to the
+router's 2*D*E per token and the routing itself.
 
 Blocks are named `layer_00`, `layer_01`, ...; their sown MoE losses and
 metrics are found under those names.
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moe_jax import routing
 from moe_jax.layers import (
   ACTIVATIONS,
   DTYPES,
@@ -31,6 +34,67 @@ from moe_jax.layers import (
   MoeConfig,
   MoeLayer,
 )
+
+
+def dense_twin_dim(moe: ml_collections.ConfigDict) -> int:
+  """Width of the dense FFN that replaces the MoE layer of `moe` (a run
+  config's `config.model.moe`) in its dense twin (`num_experts=0`): every
+  hidden unit the MoE layer runs per token.
+
+    routed = K * F       tokens choose: each token runs its K experts of
+                         width F (Switch §2, GShard §2.2; soft mixture:
+                         K = E)
+           = c' * F      expert choice (Zhou et al. 2022; paper details
+                         unverified): each expert takes C = c S / E tokens
+                         of a group of S, so a token runs E C / S = c
+                         experts on average; c' = c, or c * K under a
+                         capacity rule with times_k (C = c K S / E)
+    shared = N_s * F_s   always-active shared experts (DeepSeek-V3 Eq. 12),
+                         F_s = shared_expert_dim (0: F)
+    width  = routed + shared
+
+  An FFN of width W costs 2 * 2 D W FLOPs per token, 3 * 2 D W when gated
+  (the GLU's third matrix, Shazeer 2020); the dense twin is gated exactly
+  as the experts and the shared experts are (all follow
+  `config.model.gated`), so equal widths give equal FFN FLOPs. Not counted:
+  the router's D x E matmul (2 D E per token), the routing itself (softmax,
+  top-k, slot counting, the gate-weighted combine), and capacity slack: a
+  capacity backend runs its experts over all E*C slots of a group, CF * K
+  * S of them, full or not, where this counts the K * S (token, expert)
+  pairs a dropless layer computes.
+
+  Exact for tokens choose. For expert choice only when C = c' S / E exactly
+  (no rounding in `routing.compute_capacity`, C neither raised to
+  min_capacity nor capped at S, the group really holding S tokens) and
+  c' F is an integer; otherwise the width is round(c' F), the nearest
+  match to the nominal c (e.g. c = 1.25, S = 512, E = 6: C = 107, so 1.254
+  experts per token, against the twin's 1.25 F).
+  """
+  if moe.router not in routing.ROUTING_SCHEMES:
+    raise ValueError(
+      f"unknown router={moe.router!r}; allowed: "
+      f"{sorted(routing.ROUTING_SCHEMES)}."
+    )
+  if routing.ROUTING_SCHEMES[moe.router].family == "expert_choice":
+    if moe.capacity_rule not in routing.CAPACITY_RULES:
+      raise ValueError(
+        f"unknown capacity_rule={moe.capacity_rule!r}; allowed: "
+        f"{sorted(routing.CAPACITY_RULES)}."
+      )
+    times_k = routing.CAPACITY_RULES[moe.capacity_rule].times_k
+    experts_per_token = moe.capacity_factor * (moe.top_k if times_k else 1)
+  else:
+    experts_per_token = moe.top_k
+  routed = round(experts_per_token * moe.expert_dim)
+  shared = moe.num_shared_experts * (moe.shared_expert_dim or moe.expert_dim)
+  if routed < 1 or shared < 0:
+    raise ValueError(
+      f"the dense twin's width: routed {routed} must be >= 1 and shared "
+      f"{shared} >= 0 (top_k={moe.top_k}, expert_dim={moe.expert_dim}, "
+      f"capacity_factor={moe.capacity_factor}, num_shared_experts="
+      f"{moe.num_shared_experts}, shared_expert_dim={moe.shared_expert_dim})."
+    )
+  return routed + shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +113,7 @@ class TransformerConfig:
   dtype: str = "float32"
   moe_every: int = 2
   moe: MoeConfig | None = None  # None: dense model
-  # Dense FFN width in the MoE blocks of a dense model (top_k * expert_dim).
+  # Dense FFN width in the MoE blocks of a dense model (`dense_twin_dim`).
   dense_moe_dim: int = 512
 
   def __post_init__(self):
@@ -100,7 +164,7 @@ class TransformerConfig:
       dtype=m.dtype,
       moe_every=m.moe_every,
       moe=moe_config,
-      dense_moe_dim=moe.top_k * moe.expert_dim,
+      dense_moe_dim=dense_twin_dim(moe),
     )
 
   def is_moe_block(self, layer: int) -> bool:
