@@ -5,7 +5,8 @@ Arms: top-2 with 16 experts in every other block (GLaM) and in every block,
 and the dense twin of each (num_experts=0: every MoE block becomes a dense
 FFN of width K x expert_dim, so each pair does the same work per token).
 Renormalised top-2 gates (GShard Alg. 1, as GLaM), capacity C = ceil(K S CF
-/ E), CF 1.25 / 2.0, token-major drops, Switch loss alpha = 1e-2.
+/ E), CF 1.25 / 2.0, token-major drops, Switch loss alpha = 1e-2. GLaM's own
+64-expert models are the run book configs/paper/glam_64e.py.
 
 One arm alone:
   python -m moe_jax.train --config=configs/reproduce/glam.py:moe_every=1 \
