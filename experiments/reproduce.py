@@ -272,7 +272,9 @@ def run_suite(name: str, args) -> dict:
   if not args.report_only:
     if args.probe:
       print(f"predicted cost of {name} ({args.scale}):")
-      print_costs(name, predict_costs(module, jobs, done))
+      args.predicted_seconds += print_costs(
+        name, predict_costs(module, jobs, done)
+      )
     if args.plan:
       return results
     for job in jobs:
@@ -594,6 +596,16 @@ def main(argv=None):
   if args.summary:
     print(summary_table(names, Path(args.results)))
     return
+  if args.probe and not args.report_only:
+    # Predict every suite before training any.
+    plan = argparse.Namespace(**{**vars(args), "plan": True})
+    plan.predicted_seconds = 0.0
+    for name in names:
+      run_suite(name, plan)
+    print(f"predicted total: {plan.predicted_seconds / 3600:.2f} h")
+    if args.plan:
+      return
+  args.probe = False
   for name in names:
     run_suite(name, args)
     print(f"report: {Path(args.results) / name / 'report.md'}")

@@ -249,6 +249,7 @@ def test_plan_prints_predicted_costs(tmp_path, capsys):
   assert "predicted cost of switch_balance (smoke):" in out
   assert "top1_alpha0 " in out and " steps x " in out
   assert "min predicted for 2 runs" in out
+  assert "predicted total: " in out
 
 
 def test_a_diverged_run_is_a_result(tmp_path, monkeypatch):
