@@ -30,7 +30,6 @@ import numpy as np
 
 from moe_jax import reproduction, writers
 
-
 _COLUMNS = (
   "drop_fraction",
   "max_violation_batch",
@@ -109,18 +108,24 @@ def group_seeds(workdirs: list[str]) -> list[dict]:
   keys = differing_keys(configs)
   groups: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
-    signature = json.dumps({k: v for k, v in config.items() if k != "seed"},
-                           sort_keys=True, default=str)
+    signature = json.dumps(
+      {k: v for k, v in config.items() if k != "seed"},
+      sort_keys=True,
+      default=str,
+    )
     groups.setdefault(signature, []).append(i)
   rows = []
   for members in groups.values():
     summaries = [summarize(workdirs[i]) for i in members]
     first = summaries[0]
-    row = {"run": first["run"] if len(members) == 1 else
-           "+".join(summaries[i]["run"] for i in range(len(members)))}
+    row = {
+      "run": first["run"]
+      if len(members) == 1
+      else "+".join(summaries[i]["run"] for i in range(len(members)))
+    }
     row["seeds"] = len(members)
     row.update({k: configs[members[0]].get(k) for k in keys})
-    for name, value in first.items():
+    for name in first:
       if name == "run" or name in row:
         continue
       values = [s[name] for s in summaries]

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -284,10 +283,13 @@ def run_suite(name: str, args) -> dict:
       record = run_job(module, job)
       record["commit"] = git_commit()
       results["runs"].append(record)
-      results["command"] = " ".join([
-        "python experiments/reproduce.py", f"--suite={name}",
-        f"--scale={args.scale}",
-      ])
+      results["command"] = " ".join(
+        [
+          "python experiments/reproduce.py",
+          f"--suite={name}",
+          f"--scale={args.scale}",
+        ]
+      )
       save_json(results_path, results)
   write_report(suite, results, out_dir, Path(args.runs))
   return results
@@ -382,8 +384,10 @@ def write_report(suite: Suite, results: dict, out_dir: Path, runs: Path):
     )
     seeds = row.get("seeds", 0)
     d = row.get("difference")
-    d_text = "-" if d is None or not np.isfinite(d) else (
-      f"{d:+.4f} / {row['threshold']:.4f}"
+    d_text = (
+      "-"
+      if d is None or not np.isfinite(d)
+      else (f"{d:+.4f} / {row['threshold']:.4f}")
     )
     lines.append(
       f"| {c['id']} | {c['text']} | {c['source']} | {c['paper']} | "
@@ -398,8 +402,13 @@ def write_report(suite: Suite, results: dict, out_dir: Path, runs: Path):
     if r["claim"]["caveat"] and r["verdict"] != "reproduced"
   ]
   if caveats:
-    lines += ["", "Where a claim did not show, what could hide it at this "
-              "scale (written with the claim, before the runs):", "", *caveats]
+    lines += [
+      "",
+      "Where a claim did not show, what could hide it at this "
+      "scale (written with the claim, before the runs):",
+      "",
+      *caveats,
+    ]
   lines += ["", "## Arms", "", *arm_table(suite, results), ""]
   if plots:
     lines += ["## Plots", ""]
@@ -416,8 +425,10 @@ def write_report(suite: Suite, results: dict, out_dir: Path, runs: Path):
     status = run["status"] + (
       f" at step {run['diverged_step']}" if run.get("diverged_step") else ""
     )
-    lines.append(f"- `{run['config']}` ({status}, {run['seconds'] / 60:.1f} "
-                 f"min, commit {run.get('commit', '?')})")
+    lines.append(
+      f"- `{run['config']}` ({status}, {run['seconds'] / 60:.1f} "
+      f"min, commit {run.get('commit', '?')})"
+    )
   (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -451,8 +462,11 @@ def arm_table(suite: Suite, results: dict) -> list[str]:
   present = [
     c
     for c in (*_ARM_COLUMNS, *extra, *suite.derived)
-    if any(values_of(results, a.name, c, suite.derived) and np.isfinite(
-      values_of(results, a.name, c, suite.derived)).any() for a in arms)
+    if any(
+      values_of(results, a.name, c, suite.derived)
+      and np.isfinite(values_of(results, a.name, c, suite.derived)).any()
+      for a in arms
+    )
   ]
   lines = [
     "| arm | seeds | " + " | ".join(present) + " |",
@@ -471,8 +485,9 @@ def arm_table(suite: Suite, results: dict) -> list[str]:
         if ok.size
         else "-"
       )
-    lines.append(f"| {arm.label or arm.name} | {len(runs)} | "
-                 + " | ".join(cells) + " |")
+    lines.append(
+      f"| {arm.label or arm.name} | {len(runs)} | " + " | ".join(cells) + " |"
+    )
   return lines
 
 
@@ -486,7 +501,8 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
 
   specs = [
     reproduction.Plot(
-      "eval/lm_loss", "Validation loss over training",
+      "eval/lm_loss",
+      "Validation loss over training",
       "validation loss (nats / byte)",
     ),
     *suite.plots,
@@ -515,11 +531,14 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
         steps = np.intersect1d(steps, s)
       if not steps.size:
         continue
-      mean = np.mean(
-        [v[np.isin(s, steps)] for s, v in curves], axis=0
+      mean = np.mean([v[np.isin(s, steps)] for s, v in curves], axis=0)
+      ax.plot(
+        steps,
+        mean,
+        color=cmap(i % cmap.N),
+        label=arm.label or arm.name,
+        marker="o" if steps.size < 8 else None,
       )
-      ax.plot(steps, mean, color=cmap(i % cmap.N), label=arm.label or arm.name,
-              marker="o" if steps.size < 8 else None)
       drawn = True
     plt.close(fig) if not drawn else None
     if not drawn:
@@ -532,7 +551,8 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(arms) > 6 else 1)
     fig.tight_layout()
-    path = out_dir / f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', spec.key.lower()).strip('_')}.png"
+    slug = re.sub(r"[^a-z0-9]+", "_", spec.key.lower()).strip("_")
+    path = out_dir / f"{index:02d}_{slug}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     out.append((str(path), spec.title))
@@ -558,10 +578,12 @@ def summary_table(names: list[str], results_dir: Path) -> str:
     link = f"[{name}](results/{name}/report.md)"
     for row in results.get("claims", []):
       c, seeds = row["claim"], row.get("seeds", 0)
+      left = _fmt(row.get("left_mean"), row.get("left_std"), seeds)
+      right = _fmt(row.get("right_mean"), row.get("right_std"), seeds)
       ours = (
-        f"{c['metric']}: {_fmt(row.get('left_mean'), row.get('left_std'), seeds)}"
-        f" vs {_fmt(row.get('right_mean'), row.get('right_std'), seeds)}"
-        if row["verdict"] != "not run" else "-"
+        f"{c['metric']}: {left} vs {right}"
+        if row["verdict"] != "not run"
+        else "-"
       )
       lines.append(
         f"| {link} | {c['id']}: {c['text']} | {c['paper']} | {ours} | "
@@ -573,22 +595,35 @@ def summary_table(names: list[str], results_dir: Path) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--suite", required=True, help="a suite name or 'all'")
+  parser.add_argument("--scale", default="cpu", choices=reproduction.SCALES)
   parser.add_argument(
-    "--scale", default="cpu", choices=reproduction.SCALES
+    "--seeds",
+    type=int,
+    default=None,
+    help="seeds per arm (default: the suite's for the scale)",
   )
-  parser.add_argument("--seeds", type=int, default=None,
-                      help="seeds per arm (default: the suite's for the scale)")
   parser.add_argument("--results", default=str(REPO / "results"))
   parser.add_argument("--runs", default=str(REPO / "runs" / "reproduce"))
-  parser.add_argument("--plan", action="store_true",
-                      help="print the predicted costs and stop")
-  parser.add_argument("--no_probe", dest="probe", action="store_false",
-                      help="skip the cost prediction")
-  parser.add_argument("--report_only", action="store_true",
-                      help="rewrite report.md and plots from results.json")
-  parser.add_argument("--summary", action="store_true",
-                      help="print one Markdown table of every claim of the "
-                      "suites' results (the README's) and stop")
+  parser.add_argument(
+    "--plan", action="store_true", help="print the predicted costs and stop"
+  )
+  parser.add_argument(
+    "--no_probe",
+    dest="probe",
+    action="store_false",
+    help="skip the cost prediction",
+  )
+  parser.add_argument(
+    "--report_only",
+    action="store_true",
+    help="rewrite report.md and plots from results.json",
+  )
+  parser.add_argument(
+    "--summary",
+    action="store_true",
+    help="print one Markdown table of every claim of the "
+    "suites' results (the README's) and stop",
+  )
   args = parser.parse_args(argv)
   names = suite_names() if args.suite == "all" else args.suite.split(",")
   for name in names:

@@ -4,7 +4,8 @@ factors (Switch Table 1, ST-MoE Table 8), or an expert-choice model with a
 causal router (Wang et al. 2024 §5.2).
 
   python -m moe_jax.evaluate --workdir=runs/switch_top1 \
-      --set=model.moe.eval_capacity_factor=1.0 --set=model.moe.eval_capacity_factor=2.0
+      --set=model.moe.eval_capacity_factor=1.0 \
+      --set=model.moe.eval_capacity_factor=2.0
 
 Each --set is one evaluation (several settings in one: separate them with
 ";"). The run's own config.json is the starting point; only keys that change
@@ -125,7 +126,10 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument(
-    "--set", action="append", default=[], dest="settings",
+    "--set",
+    action="append",
+    default=[],
+    dest="settings",
     help="key=value[;key=value]: one evaluation (repeat for more)",
   )
   parser.add_argument("--json", default="", help="write all metrics here")

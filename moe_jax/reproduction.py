@@ -6,9 +6,8 @@ A *suite* re-runs one comparison of a paper (Switch Table 1, ST-MoE Table 4,
   get_config(arg)  the config of one arm, from a typed argument string such as
                    "top_k=2,alpha=1e-2,scale=cpu,seed=1" (big_vision style), so
                    that every arm also runs alone:
-                     python -m moe_jax.train \
-                       --config=configs/reproduce/switch_balance.py:top_k=2,alpha=1e-2 \
-                       --workdir=runs/one_arm
+    python -m moe_jax.train --workdir=runs/one_arm \
+      --config=configs/reproduce/switch_balance.py:top_k=2,alpha=1e-2
   SUITE            a `Suite`: its arms, seeds per scale, claims and plots.
 
 `experiments/reproduce.py` runs the arms of a suite, summarises each finished
@@ -31,8 +30,8 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -84,9 +83,7 @@ def take_args(arg: str | None, defaults: dict) -> dict:
     )
   values = {**defaults, **given}
   if values.get("scale", "cpu") not in SCALES:
-    raise ValueError(
-      f"scale={values['scale']!r} is not one of {SCALES}."
-    )
+    raise ValueError(f"scale={values['scale']!r} is not one of {SCALES}.")
   return values
 
 
@@ -256,8 +253,12 @@ def verdict(
   (lm, ls), (rm, rs) = stats(left), stats(right)
   out.update(left_mean=lm, left_std=ls, right_mean=rm, right_std=rs)
   if not (np.all(np.isfinite(left)) and np.all(np.isfinite(right))):
-    return {**out, "verdict": "inconclusive", "difference": math.nan,
-            "threshold": math.nan}
+    return {
+      **out,
+      "verdict": "inconclusive",
+      "difference": math.nan,
+      "threshold": math.nan,
+    }
   difference = (rm - lm) if predicted == "<" else (lm - rm)
   pooled = math.sqrt((ls**2 + rs**2) / 2)
   threshold = max(2 * pooled, min_effect)
@@ -267,8 +268,12 @@ def verdict(
     decided = "not reproduced"
   else:
     decided = "inconclusive"
-  return {**out, "verdict": decided, "difference": difference,
-          "threshold": threshold}
+  return {
+    **out,
+    "verdict": decided,
+    "difference": difference,
+    "threshold": threshold,
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +301,8 @@ def layer_mean(row: dict, name: str) -> tuple[float, float] | None:
   metric row; None when the row has no such key."""
   pattern = re.compile(rf"(train|eval)/moe/layer_\d+/{re.escape(name)}")
   values = [
-    v for k, v in row.items()
+    v
+    for k, v in row.items()
     if pattern.fullmatch(k) and isinstance(v, (int, float))
   ]
   if not values:
@@ -313,8 +319,9 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     for row in rows:
       if not any(k.startswith(f"{prefix}/moe/") for k in row):
         continue
-      got = layer_mean({k: v for k, v in row.items()
-                        if k.startswith(prefix)}, name)
+      got = layer_mean(
+        {k: v for k, v in row.items() if k.startswith(prefix)}, name
+      )
       if got is not None:
         steps.append(row["step"])
         values.append(got[0])
@@ -332,7 +339,7 @@ def count_spikes(losses: np.ndarray, ratio: float = 1.2, window: int = 5):
   formula; this is ours, stated in every report that uses it)."""
   spikes = 0
   for i in range(window, len(losses)):
-    previous = losses[i - window:i]
+    previous = losses[i - window : i]
     if np.isfinite(losses[i]) and losses[i] > ratio * np.median(previous):
       spikes += 1
   return spikes

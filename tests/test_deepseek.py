@@ -322,7 +322,7 @@ def _logit_gradients(logits, index):
   return {
     form: np.asarray(
       jax.grad(
-        lambda z: losses.sequence_balance_loss(
+        lambda z, form=form: losses.sequence_balance_loss(
           deepseek.sigmoid_scores(z), index, form=form
         )
       )(logits),

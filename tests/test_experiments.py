@@ -203,7 +203,9 @@ def test_compare_runs_shows_differing_keys_and_groups_seeds(tmp_path):
   """Two seeds of one config become one row (mean ± std); the config key
   that differs between rows is a column; seed is not."""
   for name, experts, seed, loss in (
-    ("a0", 8, 0, 1.0), ("a1", 8, 1, 2.0), ("b0", 4, 0, 3.0)
+    ("a0", 8, 0, 1.0),
+    ("a1", 8, 1, 2.0),
+    ("b0", 4, 0, 3.0),
   ):
     _fake_run(tmp_path / name, experts)
     config = json.loads((tmp_path / name / "config.json").read_text())

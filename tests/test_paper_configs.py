@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny import shrink, train_briefly
-
 from moe_jax import data
 from moe_jax.models import TransformerConfig, TransformerLM
+from tests.tiny import shrink, train_briefly
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -30,36 +29,57 @@ PAPER = {
   # Table 8 "7410M" (Table 9: 7B); switch_base.gin: 6 + 6 sparse layers,
   # ReLU experts 768 x 3072.
   ("switch_base", None): dict(
-    total=7.41e9, tolerance=0.05, moe_layers=12, experts=128,
+    total=7.41e9,
+    tolerance=0.05,
+    moe_layers=12,
+    experts=128,
     expert=2 * 768 * 3072,
   ),
   # Table 11: 4.1B; §7: six sparse layers per stack, 32 experts; GEGLU
   # d_model 1024, d_ff 2816.
   ("st_moe_l", None): dict(
-    total=4.1e9, tolerance=0.10, moe_layers=12, experts=32,
+    total=4.1e9,
+    tolerance=0.10,
+    moe_layers=12,
+    experts=32,
     expert=3 * 1024 * 2816,
   ),
   # Abstract / Table 11: 269B; st_moe_32b.gin: 6 + 6 sparse layers, 64
   # experts; GEGLU 5120 x 20480.
   ("st_moe_32b", None): dict(
-    total=269e9, tolerance=0.10, moe_layers=12, experts=64,
+    total=269e9,
+    tolerance=0.10,
+    moe_layers=12,
+    experts=64,
     expert=3 * 5120 * 20480,
   ),
   # GLaM Table 4; MoE in every other of L layers; ungated GELU experts.
   ("glam_64e", "size=0.1b"): dict(
-    total=1.9e9, tolerance=0.10, moe_layers=6, experts=64,
+    total=1.9e9,
+    tolerance=0.10,
+    moe_layers=6,
+    experts=64,
     expert=2 * 768 * 3072,
   ),
   ("glam_64e", "size=1.7b"): dict(
-    total=27e9, tolerance=0.10, moe_layers=12, experts=64,
+    total=27e9,
+    tolerance=0.10,
+    moe_layers=12,
+    experts=64,
     expert=2 * 2048 * 8192,
   ),
   ("glam_64e", "size=8b"): dict(
-    total=143e9, tolerance=0.10, moe_layers=16, experts=64,
+    total=143e9,
+    tolerance=0.10,
+    moe_layers=16,
+    experts=64,
     expert=2 * 4096 * 16384,
   ),
   ("glam_64e", None): dict(  # 64B/64E: 1.2T
-    total=1.2e12, tolerance=0.10, moe_layers=32, experts=64,
+    total=1.2e12,
+    tolerance=0.10,
+    moe_layers=32,
+    experts=64,
     expert=2 * 8192 * 32768,
   ),
 }
@@ -146,8 +166,13 @@ def test_shrunk_trains_one_step(name, tmp_path_factory):
   config = load(name).get_config()
   moe, loss = config.model.moe, config.loss
   routing = (
-    moe.router, moe.top_k, moe.capacity_rule, moe.capacity_factor,
-    moe.priority, loss.load_balancing_weight, loss.router_z_loss_weight,
+    moe.router,
+    moe.top_k,
+    moe.capacity_rule,
+    moe.capacity_factor,
+    moe.priority,
+    loss.load_balancing_weight,
+    loss.router_z_loss_weight,
   )
   config = shrink(config, tmp_path_factory.getbasetemp() / "tfds")
   config.model.num_layers = 2
@@ -155,8 +180,13 @@ def test_shrunk_trains_one_step(name, tmp_path_factory):
   config.model.dtype = "float32"
   moe, loss = config.model.moe, config.loss
   assert routing == (
-    moe.router, moe.top_k, moe.capacity_rule, moe.capacity_factor,
-    moe.priority, loss.load_balancing_weight, loss.router_z_loss_weight,
+    moe.router,
+    moe.top_k,
+    moe.capacity_rule,
+    moe.capacity_factor,
+    moe.priority,
+    loss.load_balancing_weight,
+    loss.router_z_loss_weight,
   )
   key = repr((config.model.to_dict(), config.loss.to_dict()))
   if key not in _TRAINED:

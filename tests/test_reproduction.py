@@ -73,7 +73,11 @@ def test_claim_rejects_bad_direction_and_effect():
 
 def test_suite_checks_claim_arms():
   suite = Suite(
-    "s", "t", "q", lambda scale: [Arm("a", "")], {"cpu": 1},
+    "s",
+    "t",
+    "q",
+    lambda scale: [Arm("a", "")],
+    {"cpu": 1},
     [Claim("x", "t", "s", "p", "eval_loss", "a", "missing", "<", 0.1)],
   )
   with pytest.raises(ValueError, match="names arm 'missing'"):
@@ -85,7 +89,10 @@ def test_suite_checks_claim_arms():
 
 def test_parse_arg_types():
   assert reproduction.parse_arg("top_k=2,alpha=1e-2,router=switch,x=True") == {
-    "top_k": 2, "alpha": 0.01, "router": "switch", "x": True,
+    "top_k": 2,
+    "alpha": 0.01,
+    "router": "switch",
+    "x": True,
   }
   assert reproduction.parse_arg("") == {}
   with pytest.raises(ValueError, match="not key=value"):
@@ -95,7 +102,9 @@ def test_parse_arg_types():
 
 
 def test_take_args_names_allowed_keys():
-  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['tpo_k'\]"):
+  with pytest.raises(
+    ValueError, match=r"unknown config argument\(s\) \['tpo_k'\]"
+  ):
     reproduction.take_args("tpo_k=2", {"top_k": 1, "scale": "cpu"})
   with pytest.raises(ValueError, match="scale='huge'"):
     reproduction.take_args("scale=huge", {"scale": "cpu"})
@@ -113,7 +122,10 @@ def test_count_spikes_by_hand():
 
 
 def test_train_tokens_per_second_skips_compile_and_eval_intervals():
-  config = {"data": {"batch_size": 2, "seq_len": 5}, "train": {"eval_every": 20}}
+  config = {
+    "data": {"batch_size": 2, "seq_len": 5},
+    "train": {"eval_every": 20},
+  }
   rows = [
     {"step": 10, "train/seconds_since_last_log": 50.0},  # compiles
     {"step": 20, "train/seconds_since_last_log": 1.0},  # 100 tokens/s
@@ -127,24 +139,38 @@ def test_train_tokens_per_second_skips_compile_and_eval_intervals():
 
 def _write_run(path, rows, eval_every=10):
   path.mkdir(parents=True)
-  config = {"data": {"batch_size": 1, "seq_len": 10},
-            "train": {"eval_every": eval_every}}
+  config = {
+    "data": {"batch_size": 1, "seq_len": 10},
+    "train": {"eval_every": eval_every},
+  }
   (path / "config.json").write_text(json.dumps(config))
   (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
 
 
 def test_summarize_run_averages_layers(tmp_path):
   rows = [
-    {"step": 5, "train/lm_loss": 3.0, "train/seconds_since_last_log": 2.0,
-     "train/moe/layer_01/router_logit_max_abs": 4.0,
-     "train/moe/layer_03/router_logit_max_abs": 6.0},
-    {"step": 10, "train/lm_loss": 2.0, "train/seconds_since_last_log": 1.0,
-     "train/moe/layer_01/router_logit_max_abs": 9.0,
-     "train/moe/layer_03/router_logit_max_abs": 1.0},
-    {"step": 10, "eval/lm_loss": 1.5,
-     "eval/moe/layer_01/load_cv": 0.2, "eval/moe/layer_03/load_cv": 0.4,
-     "eval/moe/layer_01/drop_fraction": 0.0,
-     "eval/moe/layer_03/drop_fraction": 0.1},
+    {
+      "step": 5,
+      "train/lm_loss": 3.0,
+      "train/seconds_since_last_log": 2.0,
+      "train/moe/layer_01/router_logit_max_abs": 4.0,
+      "train/moe/layer_03/router_logit_max_abs": 6.0,
+    },
+    {
+      "step": 10,
+      "train/lm_loss": 2.0,
+      "train/seconds_since_last_log": 1.0,
+      "train/moe/layer_01/router_logit_max_abs": 9.0,
+      "train/moe/layer_03/router_logit_max_abs": 1.0,
+    },
+    {
+      "step": 10,
+      "eval/lm_loss": 1.5,
+      "eval/moe/layer_01/load_cv": 0.2,
+      "eval/moe/layer_03/load_cv": 0.4,
+      "eval/moe/layer_01/drop_fraction": 0.0,
+      "eval/moe/layer_03/drop_fraction": 0.1,
+    },
   ]
   _write_run(tmp_path / "r", rows)
   s = reproduction.summarize_run(str(tmp_path / "r"))
@@ -173,8 +199,13 @@ def test_series_averages_layers_per_step():
 
 def test_there_are_suites():
   assert {
-    "switch_balance", "switch_capacity", "switch_experts",
-    "switch_init_precision", "glam", "st_moe_zloss", "loss_free",
+    "switch_balance",
+    "switch_capacity",
+    "switch_experts",
+    "switch_init_precision",
+    "glam",
+    "st_moe_zloss",
+    "loss_free",
     "expert_choice_causality",
   } <= set(SUITES)
 
@@ -197,13 +228,17 @@ def test_every_arm_builds_at_every_scale(name, scale):
     for metric in (claim.metric, claim.right_metric or claim.metric):
       base = metric.split("@")[0]
       assert base in suite.derived or base in (
-        "eval_loss", "train_loss", "loss_spikes", "stable",
-        "max_router_logit", "tokens_per_second",
+        "eval_loss",
+        "train_loss",
+        "loss_spikes",
+        "stable",
+        "max_router_logit",
+        "tokens_per_second",
         *reproduction.LAYER_METRICS,
       ), (claim.id, metric)
 
 
-# ---- the runner ----------------------------------------------------------------
+# ---- the runner ---------------------------------------------------------
 
 
 def test_smoke_all_suites(tmp_path, capsys):
@@ -211,8 +246,11 @@ def test_smoke_all_suites(tmp_path, capsys):
   trains its smoke arms, evaluates, writes results.json, report.md and
   plots; a second call finds everything done and trains nothing."""
   args = [
-    "--suite=all", "--scale=smoke", f"--results={tmp_path / 'results'}",
-    f"--runs={tmp_path / 'runs'}", "--no_probe",
+    "--suite=all",
+    "--scale=smoke",
+    f"--results={tmp_path / 'results'}",
+    f"--runs={tmp_path / 'runs'}",
+    "--no_probe",
   ]
   reproduce.main(args)
   for name in SUITES:
@@ -229,22 +267,32 @@ def test_smoke_all_suites(tmp_path, capsys):
       assert f"| {claim.id} |" in report
     assert (out / "00_eval_lm_loss.png").read_bytes()[:4] == b"\x89PNG"
   for arm in reproduce.load_suite("switch_capacity").SUITE.arms_at("smoke"):
-    assert any("eval_loss@cf2" in r["summary"] for r in json.loads(
-      (tmp_path / "results" / "switch_capacity" / "results.json").read_text()
-    )["runs"] if r["arm"] == arm.name)
+    assert any(
+      "eval_loss@cf2" in r["summary"]
+      for r in json.loads(
+        (tmp_path / "results" / "switch_capacity" / "results.json").read_text()
+      )["runs"]
+      if r["arm"] == arm.name
+    )
   capsys.readouterr()
   reproduce.main(args)
   assert "] " not in "".join(
-    line for line in capsys.readouterr().out.splitlines()
+    line
+    for line in capsys.readouterr().out.splitlines()
     if line.startswith("[")
   ), "a finished arm was trained again"
 
 
 def test_plan_prints_predicted_costs(tmp_path, capsys):
-  reproduce.main([
-    "--suite=switch_balance", "--scale=smoke", "--plan",
-    f"--results={tmp_path}", f"--runs={tmp_path}",
-  ])
+  reproduce.main(
+    [
+      "--suite=switch_balance",
+      "--scale=smoke",
+      "--plan",
+      f"--results={tmp_path}",
+      f"--runs={tmp_path}",
+    ]
+  )
   out = capsys.readouterr().out
   assert "predicted cost of switch_balance (smoke):" in out
   assert "top1_alpha0 " in out and " steps x " in out
@@ -258,9 +306,12 @@ def test_a_diverged_run_is_a_result(tmp_path, monkeypatch):
   from moe_jax import train
 
   workdir = tmp_path / "run"
-  _write_run(workdir, [
-    {"step": 10, "train/lm_loss": 3.0, "train/seconds_since_last_log": 1.0},
-  ])
+  _write_run(
+    workdir,
+    [
+      {"step": 10, "train/lm_loss": 3.0, "train/seconds_since_last_log": 1.0},
+    ],
+  )
 
   def diverge(config, workdir):
     raise FloatingPointError("loss is nan at step 20.")
@@ -288,7 +339,9 @@ def test_gpu_scale_arm_trains_one_step_at_reduced_size(name, tmp_path):
   assert config.data.seq_len == 1024 and config.model.d_model == 768
   tiny.shrink(config, tmp_path)
   if config.model.moe.num_experts:
-    config.model.moe.num_experts = module.get_config(arm.args).model.moe.num_experts
+    config.model.moe.num_experts = module.get_config(
+      arm.args
+    ).model.moe.num_experts
     config.model.moe.expert_dim = min(config.model.moe.expert_dim, 64)
     config.model.moe.shared_expert_dim = min(
       config.model.moe.shared_expert_dim, 64

@@ -71,10 +71,19 @@ def arms(scale):
   }
   out = []
   for g in GROUPS:
-    out.append(Arm(f"ec_g{g}", f"router=expert_choice,group={g}",
-                   f"expert choice, groups of {g}", evals))
-    out.append(Arm(f"top2_g{g}", f"router=top_k,group={g}",
-                   f"causal top-2, groups of {g}"))
+    out.append(
+      Arm(
+        f"ec_g{g}",
+        f"router=expert_choice,group={g}",
+        f"expert choice, groups of {g}",
+        evals,
+      )
+    )
+    out.append(
+      Arm(
+        f"top2_g{g}", f"router=top_k,group={g}", f"causal top-2, groups of {g}"
+      )
+    )
   return out
 
 
@@ -86,27 +95,53 @@ def leak(summary):
 _LFB = "Wang 2024 §5.2"
 CLAIMS = [
   Claim(
-    "X1", "Expert choice evaluated with expert choice scores far better "
-    "than the same checkpoint routed causally: the leak.", _LFB,
+    "X1",
+    "Expert choice evaluated with expert choice scores far better "
+    "than the same checkpoint routed causally: the leak.",
+    _LFB,
     "~10% abnormal loss drop at 512-token chunks, gone when tokens are "
-    "shuffled", "eval_loss@ec", "ec_g128", "ec_g128", "<", 0.02,
+    "shuffled",
+    "eval_loss@ec",
+    "ec_g128",
+    "ec_g128",
+    "<",
+    0.02,
     right_metric="eval_loss@causal",
   ),
   Claim(
-    "X2", "Expert choice's training loss is abnormally low next to causal "
-    "top-2's.", _LFB, "(see X1)", "train_loss", "ec_g128", "top2_g128",
-    "<", 0.02,
+    "X2",
+    "Expert choice's training loss is abnormally low next to causal top-2's.",
+    _LFB,
+    "(see X1)",
+    "train_loss",
+    "ec_g128",
+    "top2_g128",
+    "<",
+    0.02,
   ),
   Claim(
-    "X3", "The leak is larger for small groups (fewer tokens to choose "
-    "among make each choice more informative about the future).", _LFB,
-    "chunk 8192 -> 512: the abnormal drop appears", "leak", "ec_g128",
-    "ec_g2048", ">", 0.01,
+    "X3",
+    "The leak is larger for small groups (fewer tokens to choose "
+    "among make each choice more informative about the future).",
+    _LFB,
+    "chunk 8192 -> 512: the abnormal drop appears",
+    "leak",
+    "ec_g128",
+    "ec_g2048",
+    ">",
+    0.01,
   ),
   Claim(
-    "X4", "Evaluated causally, the expert-choice model loses to a causally "
-    "trained top-2 model.", _LFB + " (implied)", "-", "eval_loss@causal",
-    "ec_g128", "top2_g128", ">", 0.005,
+    "X4",
+    "Evaluated causally, the expert-choice model loses to a causally "
+    "trained top-2 model.",
+    _LFB + " (implied)",
+    "-",
+    "eval_loss@causal",
+    "ec_g128",
+    "top2_g128",
+    ">",
+    0.005,
   ),
 ]
 

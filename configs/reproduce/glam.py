@@ -53,19 +53,38 @@ def arms(scale):
 
 CLAIMS = [
   Claim(
-    "G1", "Top-2 MoE in every other block beats its FLOP-matched dense "
-    "model.", "GLaM (Du et al. 2022) §5-6", "GLaM beats dense models of "
-    "equal FLOPs per token at every size", "eval_loss",
-    "moe_every2", "dense_every2", "<", 0.005,
+    "G1",
+    "Top-2 MoE in every other block beats its FLOP-matched dense model.",
+    "GLaM (Du et al. 2022) §5-6",
+    "GLaM beats dense models of equal FLOPs per token at every size",
+    "eval_loss",
+    "moe_every2",
+    "dense_every2",
+    "<",
+    0.005,
   ),
   Claim(
-    "G2", "The same with MoE in every block.", "GLaM layout alternative",
-    "-", "eval_loss", "moe_every1", "dense_every1", "<", 0.005,
+    "G2",
+    "The same with MoE in every block.",
+    "GLaM layout alternative",
+    "-",
+    "eval_loss",
+    "moe_every1",
+    "dense_every1",
+    "<",
+    0.005,
   ),
   Claim(
-    "G3", "MoE in every block beats every other block per step (more "
-    "parameters and more expert FLOPs).", "GLaM §3 (layout choice)", "-",
-    "eval_loss", "moe_every1", "moe_every2", "<", 0.005,
+    "G3",
+    "MoE in every block beats every other block per step (more "
+    "parameters and more expert FLOPs).",
+    "GLaM §3 (layout choice)",
+    "-",
+    "eval_loss",
+    "moe_every1",
+    "moe_every2",
+    "<",
+    0.005,
   ),
 ]
 

@@ -70,37 +70,72 @@ def arms(scale):
     Arm("bias1e-4", "balance=bias,u=0.0001", "loss-free, u = 1e-4"),
     Arm("bias1e-3", "balance=bias,u=0.001", "loss-free, u = 1e-3"),
     Arm("bias1e-2", "balance=bias,u=0.01", "loss-free, u = 1e-2"),
-    Arm("bias1e-3_seq", "balance=bias_seq,u=0.001",
-        "loss-free u = 1e-3 + sequence loss 1e-4"),
+    Arm(
+      "bias1e-3_seq",
+      "balance=bias_seq,u=0.001",
+      "loss-free u = 1e-3 + sequence loss 1e-4",
+    ),
   ]
 
 
 _T2 = "Wang 2024 Table 2"
 CLAIMS = [
   Claim(
-    "L1", "Loss-free balancing ends far better balanced than the auxiliary "
-    "loss (MaxVio over the held-out set).", _T2,
+    "L1",
+    "Loss-free balancing ends far better balanced than the auxiliary "
+    "loss (MaxVio over the held-out set).",
+    _T2,
     "MaxVio_global 0.04 vs 0.72 (1B), 0.04 vs 0.52 (3B)",
-    "max_violation_global", "bias1e-3", "aux", "<", 0.1,
+    "max_violation_global",
+    "bias1e-3",
+    "aux",
+    "<",
+    0.1,
   ),
   Claim(
-    "L2", "... and per evaluation batch.", _T2 + " (batch form not in the "
-    "paper)", "-", "max_violation_batch", "bias1e-3", "aux", "<", 0.1,
+    "L2",
+    "... and per evaluation batch.",
+    _T2 + " (batch form not in the paper)",
+    "-",
+    "max_violation_batch",
+    "bias1e-3",
+    "aux",
+    "<",
+    0.1,
   ),
   Claim(
-    "L3", "Loss-free balancing gives a model at least as good.", _T2,
-    "PPL 9.50 vs 9.56 (1B), 7.92 vs 7.97 (3B)", "eval_loss", "bias1e-3",
-    "aux", "<", 0.005,
+    "L3",
+    "Loss-free balancing gives a model at least as good.",
+    _T2,
+    "PPL 9.50 vs 9.56 (1B), 7.92 vs 7.97 (3B)",
+    "eval_loss",
+    "bias1e-3",
+    "aux",
+    "<",
+    0.005,
     "the paper's gap (0.6% in PPL) needs 100B tokens; we train on 1.6M",
   ),
   Claim(
-    "L4", "u = 1e-4 balances more slowly than 1e-3.", "Wang 2024 Fig. 4",
-    "(curves)", "max_violation_global", "bias1e-3", "bias1e-4", "<", 0.05,
+    "L4",
+    "u = 1e-4 balances more slowly than 1e-3.",
+    "Wang 2024 Fig. 4",
+    "(curves)",
+    "max_violation_global",
+    "bias1e-3",
+    "bias1e-4",
+    "<",
+    0.05,
   ),
   Claim(
-    "L5", "u = 1e-2 is slightly worse than 1e-3 in quality.",
-    "Wang 2024 Fig. 4", "(curves: 1e-3 best)", "eval_loss", "bias1e-3",
-    "bias1e-2", "<", 0.005,
+    "L5",
+    "u = 1e-2 is slightly worse than 1e-3 in quality.",
+    "Wang 2024 Fig. 4",
+    "(curves: 1e-3 best)",
+    "eval_loss",
+    "bias1e-3",
+    "bias1e-2",
+    "<",
+    0.005,
   ),
 ]
 
@@ -113,10 +148,16 @@ SUITE = Suite(
   seeds={"smoke": 1, "cpu": 2, "gpu": 2},
   claims=CLAIMS,
   plots=[
-    Plot("train/moe/*/max_violation", "MaxVio over training (per batch, "
-         "with the bias)", "MaxVio (0 = even)"),
-    Plot("train/moe/*/max_violation_before_bias", "MaxVio the scores alone "
-         "would give", "MaxVio (0 = even)"),
+    Plot(
+      "train/moe/*/max_violation",
+      "MaxVio over training (per batch, with the bias)",
+      "MaxVio (0 = even)",
+    ),
+    Plot(
+      "train/moe/*/max_violation_before_bias",
+      "MaxVio the scores alone would give",
+      "MaxVio (0 = even)",
+    ),
   ],
   notes="Auxiliary loss: Wang 2024 Eqs. 2-3 (P_i from the raw sigmoid "
   "scores, per sequence), alpha = 1e-3 (Wang §4.1). Our `deepseek_v3` form "

@@ -1,15 +1,15 @@
 """The three sizes every reproduction suite runs at, applied to a config.
 
-  smoke  seconds per arm: a width-32, 2-layer model, 8 x 32 tokens per batch,
-         a few steps; what CI runs (`--scale=smoke`) to prove every arm builds,
-         trains, evaluates and reports. Its numbers mean nothing.
-  cpu    the base config's tiny LM (d 128, 4 layers, 4 heads, 16 x 128 bytes
-         per batch, ~2.6M parameters), a few hundred steps: minutes per arm on
-         a 2-core CPU.
-  gpu    a single-accelerator LM: d 768, 12 layers, 12 heads, FFN 3072
-         (~85M active parameters in the dense twin), sequences of 1024 in
-         batches of 128, bfloat16 activations with a float32 router; the step
-         counts of the suite's "gpu" entry. Not run here: a run book.
+smoke  seconds per arm: a width-32, 2-layer model, 8 x 32 tokens per batch,
+       a few steps; what CI runs (`--scale=smoke`) to prove every arm builds,
+       trains, evaluates and reports. Its numbers mean nothing.
+cpu    the base config's tiny LM (d 128, 4 layers, 4 heads, 16 x 128 bytes
+       per batch, ~2.6M parameters), a few hundred steps: minutes per arm on
+       a 2-core CPU.
+gpu    a single-accelerator LM: d 768, 12 layers, 12 heads, FFN 3072
+       (~85M active parameters in the dense twin), sequences of 1024 in
+       batches of 128, bfloat16 activations with a float32 router; the step
+       counts of the suite's "gpu" entry. Not run here: a run book.
 """
 
 import ml_collections

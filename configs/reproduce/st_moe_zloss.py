@@ -52,8 +52,11 @@ def _name(z, stress):
 
 def arms(scale):
   return [
-    Arm(_name(z, s), f"z={z},stress={s}",
-        f"c_z={z:g}, {'stress' if s else 'normal'}")
+    Arm(
+      _name(z, s),
+      f"z={z},stress={s}",
+      f"c_z={z:g}, {'stress' if s else 'normal'}",
+    )
     for s in (False, True)
     for z in Z_WEIGHTS
   ]
@@ -62,33 +65,71 @@ def arms(scale):
 _T4 = "ST-MoE Table 4"
 CLAIMS = [
   Claim(
-    "Z1", "The z-loss shrinks the router logits' log-sum-exp (normal "
-    "training).", "ST-MoE §3.1 (mechanism)", "-", "router_logsumexp",
-    _name(0.0, False), _name(1e-3, False), ">", 0.1,
+    "Z1",
+    "The z-loss shrinks the router logits' log-sum-exp (normal training).",
+    "ST-MoE §3.1 (mechanism)",
+    "-",
+    "router_logsumexp",
+    _name(0.0, False),
+    _name(1e-3, False),
+    ">",
+    0.1,
   ),
   Claim(
-    "Z2", "The same under stress.", "ST-MoE §3.1 (mechanism)", "-",
-    "router_logsumexp", _name(0.0, True), _name(1e-3, True), ">", 0.1,
+    "Z2",
+    "The same under stress.",
+    "ST-MoE §3.1 (mechanism)",
+    "-",
+    "router_logsumexp",
+    _name(0.0, True),
+    _name(1e-3, True),
+    ">",
+    0.1,
   ),
   Claim(
-    "Z3", "Under stress the largest router logit grows without the z-loss.",
-    "ST-MoE §3.1", "-", "max_router_logit", _name(0.0, True),
-    _name(1e-3, True), ">", 0.5,
+    "Z3",
+    "Under stress the largest router logit grows without the z-loss.",
+    "ST-MoE §3.1",
+    "-",
+    "max_router_logit",
+    _name(0.0, True),
+    _name(1e-3, True),
+    ">",
+    0.5,
   ),
   Claim(
-    "Z4", "The z-loss makes training stable: more seeds finish under stress.",
-    _T4, "stable seeds: baseline 4/6, z-loss 3/3", "stable",
-    _name(1e-3, True), _name(0.0, True), ">", 0.0,
+    "Z4",
+    "The z-loss makes training stable: more seeds finish under stress.",
+    _T4,
+    "stable seeds: baseline 4/6, z-loss 3/3",
+    "stable",
+    _name(1e-3, True),
+    _name(0.0, True),
+    ">",
+    0.0,
     "a 400-step run at d 128 may not diverge even under stress",
   ),
   Claim(
-    "Z5", "Fewer loss spikes with the z-loss under stress.", _T4, "-",
-    "loss_spikes", _name(1e-3, True), _name(0.0, True), "<", 0.5,
+    "Z5",
+    "Fewer loss spikes with the z-loss under stress.",
+    _T4,
+    "-",
+    "loss_spikes",
+    _name(1e-3, True),
+    _name(0.0, True),
+    "<",
+    0.5,
   ),
   Claim(
-    "Z6", "The z-loss costs no quality; ST-MoE even finds it better.", _T4,
-    "-1.741 ± 0.02 (z-loss) vs -1.755 ± 0.02 (baseline)", "eval_loss",
-    _name(1e-3, False), _name(0.0, False), "<", 0.005,
+    "Z6",
+    "The z-loss costs no quality; ST-MoE even finds it better.",
+    _T4,
+    "-1.741 ± 0.02 (z-loss) vs -1.755 ± 0.02 (baseline)",
+    "eval_loss",
+    _name(1e-3, False),
+    _name(0.0, False),
+    "<",
+    0.005,
     "the paper's gap (0.014) is within its own seed spread",
   ),
 ]
@@ -102,10 +143,17 @@ SUITE = Suite(
   seeds={"smoke": 1, "cpu": 2, "gpu": 3},
   claims=CLAIMS,
   plots=[
-    Plot("train/moe/*/router_logsumexp", "Router log-sum-exp over training",
-         "mean logsumexp of router logits"),
-    Plot("train/moe/*/router_logit_max_abs", "Largest router logit over "
-         "training", "max |router logit|", log_y=True),
+    Plot(
+      "train/moe/*/router_logsumexp",
+      "Router log-sum-exp over training",
+      "mean logsumexp of router logits",
+    ),
+    Plot(
+      "train/moe/*/router_logit_max_abs",
+      "Largest router logit over training",
+      "max |router logit|",
+      log_y=True,
+    ),
     Plot("train/lm_loss", "Training loss", "training loss (nats / byte)"),
   ],
   notes="z-loss: ST-MoE Eq. 5, mean over tokens of logsumexp^2, summed over "

@@ -22,7 +22,10 @@ from scales import apply_scale, load_base  # noqa: E402
 from moe_jax.reproduction import Arm, Claim, Plot, Suite, take_args  # noqa: E402
 
 DEFAULTS = {
-  "init": 0.1, "router_dtype": "float32", "scale": "cpu", "seed": 0,
+  "init": 0.1,
+  "router_dtype": "float32",
+  "scale": "cpu",
+  "seed": 0,
 }
 STEPS = {"smoke": 3, "cpu": 400, "gpu": 3_500}
 
@@ -51,21 +54,39 @@ def arms(scale):
 
 CLAIMS = [
   Claim(
-    "P1", "A router initialised at 0.1x the default scale trains to a "
-    "better model early in training.", "Switch Table 3 (3.5k steps, 3 seeds)",
-    "-2.72 ± 0.01 (0.1x) vs -3.60 ± 0.68 (1.0x)", "eval_loss",
-    "init0.1", "init1.0", "<", 0.005,
+    "P1",
+    "A router initialised at 0.1x the default scale trains to a "
+    "better model early in training.",
+    "Switch Table 3 (3.5k steps, 3 seeds)",
+    "-2.72 ± 0.01 (0.1x) vs -3.60 ± 0.68 (1.0x)",
+    "eval_loss",
+    "init0.1",
+    "init1.0",
+    "<",
+    0.005,
     "at d 128 the 1.0x init's logits are small anyway (std ~ 1 / sqrt(d))",
   ),
   Claim(
-    "P2", "The smaller init is steadier: fewer loss spikes.",
-    "Switch Table 3 (spread over seeds)", "std 0.01 vs 0.68 over seeds",
-    "loss_spikes", "init0.1", "init1.0", "<", 0.5,
+    "P2",
+    "The smaller init is steadier: fewer loss spikes.",
+    "Switch Table 3 (spread over seeds)",
+    "std 0.01 vs 0.68 over seeds",
+    "loss_spikes",
+    "init0.1",
+    "init1.0",
+    "<",
+    0.5,
   ),
   Claim(
-    "P3", "A bfloat16 router is worse than a float32 one.", "Switch Table 2",
-    "bf16 -3.780 (diverged) vs selective precision -1.716", "eval_loss",
-    "init0.1", "bf16", "<", 0.005,
+    "P3",
+    "A bfloat16 router is worse than a float32 one.",
+    "Switch Table 2",
+    "bf16 -3.780 (diverged) vs selective precision -1.716",
+    "eval_loss",
+    "init0.1",
+    "bf16",
+    "<",
+    0.005,
     "Table 2's divergence needs a large model and long training; our "
     "small logits round gently in bfloat16",
   ),
@@ -80,10 +101,14 @@ SUITE = Suite(
   seeds={"smoke": 1, "cpu": 3, "gpu": 3},
   claims=CLAIMS,
   plots=[
-    Plot("train/lm_loss", "Training loss (mean over seeds)",
-         "training loss (nats / byte)"),
-    Plot("train/moe/*/router_logit_max_abs", "Largest router logit",
-         "max |logit|"),
+    Plot(
+      "train/lm_loss",
+      "Training loss (mean over seeds)",
+      "training loss (nats / byte)",
+    ),
+    Plot(
+      "train/moe/*/router_logit_max_abs", "Largest router logit", "max |logit|"
+    ),
   ],
   notes="Router init: truncated-normal kernel with scale x the default "
   "(Switch §2.4: 0.1). bfloat16 router: `router_dtype=bfloat16` rounds the "
