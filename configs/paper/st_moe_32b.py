@@ -67,56 +67,20 @@ Data: the embedded corpus by default. For a real corpus prepared with TFDS
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from base import get_base_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import st_moe_l  # noqa: E402
 
 
 def get_config(arg=None):
-  del arg  # one size only
-  config = get_base_config()
-  config.data.seq_len = 512
-  config.data.batch_size = 2048
-  config.data.eval_batch_size = 256
-  config.data.num_eval_batches = 16
-  config.data.max_code_bytes = 100_000_000
-
+  """ST-MoE-L's recipe (configs/paper/st_moe_l.py) at the 32B sizes."""
+  config = st_moe_l.get_config(arg)
   m = config.model
   m.d_model = 5120
-  m.num_layers = 48  # 24 encoder + 24 decoder blocks
   m.num_heads = 64
   m.mlp_dim = 20480
-  m.activation = "gelu"
-  m.gated = True  # GEGLU
-  m.dropout_rate = 0.0
-  m.dtype = "bfloat16"  # the router stays float32
-  m.moe_every = 4
-
-  moe = m.moe
-  moe.num_experts = 64
-  moe.router = "top_k"
-  moe.top_k = 2
-  moe.expert_dim = 20480
-  moe.group_size = 4096
-  moe.capacity_factor = 1.25
-  moe.eval_capacity_factor = 2.0
-  moe.capacity_rule = "flaxformer"
-  moe.min_capacity = 4
-  moe.priority = "token_major"  # causal at K = 2 (papers: k-major)
-  moe.router_init_scale = 0.1
-  moe.router_jitter = 0.0
-  moe.router_dtype = "float32"
-
-  config.loss.load_balancing = "switch"
-  config.loss.load_balancing_weight = 1e-2
-  config.loss.router_z_loss_weight = 1e-3
-  config.loss.layer_reduction = "sum"
-
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 10_000
-  config.optimizer.schedule = "cosine"
-
+  m.moe.num_experts = 64
+  m.moe.expert_dim = 20480
   config.train.num_steps = 1_430_512
-  config.train.log_every = 100
   config.train.eval_every = 10_000
   config.train.checkpoint_every = 2_000
   return config
