@@ -16,9 +16,9 @@ A suite is a run book in configs/reproduce/<suite>.py (see
      is a result ("unstable at step N"), not a crash of the sweep;
   3. evaluates the checkpoint again under the arm's extra evaluation settings
      (`moe_jax.evaluate`), without retraining;
-  4. rewrites <results>/<suite>/results.json after every arm, then
-     report.md (the verdict rule first, then the claims, the arms and the
-     plots) and the PNG plots.
+  4. rewrites <results>/<suite>/results.json, report.md (the verdict rule
+     first, then the claims, the arms and the plots) and the PNG plots after
+     every arm, so a stopped sweep leaves a readable report.
 
 Run it in the background for the cpu scale; stop and restart it at will.
 """
@@ -291,7 +291,8 @@ def run_suite(name: str, args) -> dict:
         ]
       )
       save_json(results_path, results)
-  write_report(suite, results, out_dir, Path(args.runs))
+      write_report(suite, results, out_dir)  # readable after every arm
+  write_report(suite, results, out_dir)
   return results
 
 
@@ -340,7 +341,7 @@ def _fmt(mean, std, seeds):
   return text + (f" ± {std:.{digits}f}" if seeds > 1 else "")
 
 
-def write_report(suite: Suite, results: dict, out_dir: Path, runs: Path):
+def write_report(suite: Suite, results: dict, out_dir: Path):
   out_dir.mkdir(parents=True, exist_ok=True)
   decisions = decide(suite, results)
   results["claims"] = decisions
