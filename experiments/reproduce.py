@@ -199,7 +199,7 @@ def run_job(module, job: Job) -> dict:
       f"python -m moe_jax.train --config={job.config_path} "
       f"--workdir={job.workdir}"
     ),
-    "workdir": str(job.workdir),
+    "workdir": _portable(job.workdir),
   }
   try:
     train.train_and_evaluate(config, str(job.workdir))
@@ -219,6 +219,13 @@ def run_job(module, job: Job) -> dict:
         summary[f"{key}@{name}"] = value
   record["summary"] = summary
   return record
+
+
+def _portable(path: Path) -> str:
+  """`path` relative to the repository when inside it (results.json then
+  reads the same in any checkout), else absolute."""
+  path = Path(path).resolve()
+  return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def git_commit() -> str:
@@ -520,7 +527,7 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
         if run["arm"] != arm.name:
           continue
         try:
-          rows = writers.read_metrics(run["workdir"])
+          rows = writers.read_metrics(REPO / run["workdir"])
         except FileNotFoundError:
           continue
         curves.append(reproduction.series(rows, spec.key))
