@@ -574,13 +574,14 @@ def write_plots(suite: Suite, results: dict, out_dir: Path) -> list:
 def summary_table(names: list[str], results_dir: Path) -> str:
   """Claim | paper | ours | verdict, over suites, linking each report."""
   lines = [
-    "| suite | claim | paper | ours (left vs right) | verdict |",
+    "| suite | claim | paper | ours: metric, left arm vs right arm | verdict |",
     "|---|---|---|---|---|",
   ]
+  not_run = []
   for name in names:
     path = results_dir / name / "results.json"
     if not path.exists():
-      lines.append(f"| {name} | (not run yet) | | | |")
+      not_run.append(f"`{name}`")
       continue
     results = json.loads(path.read_text())
     link = f"[{name}](results/{name}/report.md)"
@@ -589,7 +590,7 @@ def summary_table(names: list[str], results_dir: Path) -> str:
       left = _fmt(row.get("left_mean"), row.get("left_std"), seeds)
       right = _fmt(row.get("right_mean"), row.get("right_std"), seeds)
       ours = (
-        f"{c['metric']}: {left} vs {right}"
+        f"{c['metric']}: {c['left']} {left} vs {c['right']} {right}"
         if row["verdict"] != "not run"
         else "-"
       )
@@ -597,6 +598,8 @@ def summary_table(names: list[str], results_dir: Path) -> str:
         f"| {link} | {c['id']}: {c['text']} | {c['paper']} | {ours} | "
         f"{row['verdict']} |"
       )
+  if not_run:
+    lines += ["", f"Not run at this scale yet: {', '.join(not_run)}."]
   return "\n".join(lines)
 
 

@@ -94,7 +94,8 @@ CLAIMS = [
   ),
   Claim(
     "L2",
-    "... and per evaluation batch.",
+    "Loss-free balancing is also better balanced within each evaluation "
+    "batch (mean of per-batch MaxVio).",
     _T2 + " (batch form not in the paper)",
     "-",
     "max_violation_batch",
