@@ -417,7 +417,18 @@ def write_report(suite: Suite, results: dict, out_dir: Path):
       "",
       *caveats,
     ]
-  lines += ["", "## Arms", "", *arm_table(suite, results), ""]
+  lines += [
+    "",
+    "## Arms",
+    "",
+    "Mean ± std over seeds; eval metrics at the last evaluation, averaged "
+    "over MoE layers; `name@x`: the checkpoint re-evaluated under setting x. "
+    "tokens_per_second is the median train-step throughput of each run; it "
+    "is only comparable between runs made on an otherwise idle machine.",
+    "",
+    *arm_table(suite, results),
+    "",
+  ]
   if plots:
     lines += ["## Plots", ""]
     lines += [f"![{title}]({Path(p).name})" for p, title in plots]
