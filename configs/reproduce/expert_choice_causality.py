@@ -156,6 +156,11 @@ SUITE = Suite(
   notes="Expert choice: C = ceil(c S / E), c = 2, gate = the router's "
   "softmax score. Causal evaluation: tokens-choose top-2 over the same "
   "logits, raw softmax gates, token-major drops, C = ceil(2 S / E) (the "
-  "same slots). Causal top-2 arms: the same C, Switch loss 1e-2.",
+  "same slots). Causal top-2 arms: the same C, Switch loss 1e-2. Added "
+  "after the first cpu run (2026-12-04), not a change of any rule: the "
+  "causal evaluation changes the routing rule as well as removing the "
+  "leak, and at these slots it drops tokens (drop_fraction@causal), so the "
+  "X1 gap bounds the leak from above; X2 and X3 do not share that "
+  "confound.",
   derived={"leak": leak},
 )
