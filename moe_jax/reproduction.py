@@ -352,10 +352,8 @@ def summarize_run(workdir: str, log_every_train: bool = True) -> dict:
   3 logged training LM losses), each of LAYER_METRICS present in the last
   evaluation (mean over MoE layers; "<name>_worst": worst layer),
   loss_spikes (`count_spikes` of the training LM loss), max_router_logit
-  (largest router_logit_max_abs logged in training, any layer),
-  tokens_per_second (train steps only: the first logging interval, which
-  holds the compilation, and intervals that contain an evaluation are
-  excluded).
+  (the largest, over the logged training steps, of router_logit_max_abs
+  averaged over MoE layers), tokens_per_second (`train_tokens_per_second`).
   """
   rows = writers.read_metrics(workdir)
   evals = [r for r in rows if isinstance(r.get("eval/lm_loss"), (int, float))]
