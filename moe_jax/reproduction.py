@@ -345,7 +345,7 @@ def count_spikes(losses: np.ndarray, ratio: float = 1.2, window: int = 5):
   return spikes
 
 
-def summarize_run(workdir: str, log_every_train: bool = True) -> dict:
+def summarize_run(workdir: str) -> dict:
   """The numbers a claim can use from one finished run's metrics.jsonl.
 
   Keys: eval_loss (last evaluation, nats/token), train_loss (mean of the last
