@@ -224,7 +224,15 @@ def test_every_arm_builds_at_every_scale(name, scale):
     assert config.seed == 1
     assert config.train.num_steps == module.STEPS[scale]
     TransformerConfig.from_config(config, 256)  # validates the MoE config
+  evals = {a.name: a.evals for a in suite.arms_at(scale)}
   for claim in suite.claims:
+    sides = (
+      (claim.left, claim.metric),
+      (claim.right, claim.right_metric or claim.metric),
+    )
+    for arm_name, metric in sides:
+      if "@" in metric and arm_name in evals:  # smoke runs fewer arms
+        assert metric.split("@")[1] in evals[arm_name], (claim.id, arm_name)
     for metric in (claim.metric, claim.right_metric or claim.metric):
       base = metric.split("@")[0]
       assert base in suite.derived or base in (

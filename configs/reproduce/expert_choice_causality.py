@@ -142,6 +142,7 @@ CLAIMS = [
     "top2_g128",
     ">",
     0.005,
+    right_metric="eval_loss",  # top-2's own evaluation is causal
   ),
 ]
 
