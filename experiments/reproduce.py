@@ -601,7 +601,9 @@ def summary_table(names: list[str], results_dir: Path) -> str:
       left = _fmt(row.get("left_mean"), row.get("left_std"), seeds)
       right = _fmt(row.get("right_mean"), row.get("right_std"), seeds)
       ours = (
-        f"{c['metric']}: {c['left']} {left} vs {c['right']} {right}"
+        f"{c['metric']}: {c['left']} {left} vs "
+        f"{c['right']} {right}"
+        + (f" ({c['right_metric']})" if c.get("right_metric") else "")
         if row["verdict"] != "not run"
         else "-"
       )
