@@ -59,6 +59,9 @@ are moe_jax choices (AdamW only; unverified).
 
 Parameters in moe_jax (test_paper_configs.py counts them from shapes): 0.1b
 1.87B, 1.7b 26.6B, 8b 141.7B, 64b 1.134T, against Table 4's totals above.
+The real 64B/64E (256K vocabulary, 128 x 128 heads, GEGLU dense FFNs) is the
+cost model's preset: `python -m moe_jax.cost --preset=glam_64b_64e` gives
+1.16T total, 96.6B active.
 Hardware: 12 bytes per parameter for float32 parameters + AdamW moments:
 0.1b 22 GB (one accelerator), 1.7b 320 GB, 8b 1.7 TB, 64b 13.6 TB, plus 4
 bytes per parameter of gradients; shard experts over the mesh's expert axis

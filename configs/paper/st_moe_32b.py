@@ -47,7 +47,9 @@ cosine decay are moe_jax choices (AdamW only; unverified).
 
 Parameters: 258B in moe_jax (242B experts) vs 269B (abstract, Table 11);
 the gap is the missing sparse-dense FFNs, the narrower attention,
-cross-attention and the vocabulary. Hardware: 12 bytes per parameter for
+cross-attention and the vocabulary; the real encoder-decoder with all of
+them is the cost model's preset (`python -m moe_jax.cost --preset=st_moe_32b`:
+269.1B total, 35.1B active per token through both stacks). Hardware: 12 bytes per parameter for
 float32 parameters + AdamW moments, about 3.1 TB, plus 1 TB of gradients:
 hundreds of accelerators with expert and data parallelism (the paper: "64-way
 data parallelism cores and 16-way model parallelism cores",

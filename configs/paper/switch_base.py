@@ -47,7 +47,9 @@ Training (sources):
     (unverified).
 
 Parameters: 7.36B in moe_jax (7.25B of them experts) vs 7.4B ("7,410M",
-Table 8; "7B", Table 9). Hardware: float32 parameters + AdamW's two moments
+Table 8; "7B", Table 9). The real encoder-decoder (32,128 sentencepieces,
+cross-attention) is the cost model's preset: `python -m moe_jax.cost
+--preset=switch_base` gives 7.42B total, 224M active per token. Hardware: float32 parameters + AdamW's two moments
 take 12 bytes per parameter, about 88 GB, plus 29 GB of gradients and the
 activations of 2^20 tokens: shard over several accelerators (the paper used
 32 TPUv3 cores), e.g. `--config.mesh.shape="(4,8,1)"` with experts on the
