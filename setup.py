@@ -45,6 +45,7 @@ setup(
       "nbclient>=0.10",
       "nbformat>=5.10",
       "ipykernel>=6.29",
+      "jupytext>=1.16",
     ],
     # Adds conversational text in ~28 languages to the default corpus.
     "multilingual": ["chatterbot-corpus>=1.2", "PyYAML>=6"],

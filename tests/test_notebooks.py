@@ -1,56 +1,101 @@
-"""Executes the notebooks of notebooks/ end to end with nbclient.
+"""The notebooks of notebooks/: sources in sync, committed executed, and
+re-executed end to end with nbclient.
 
-The kernel is pinned to this interpreter: the test writes a kernel spec named
-"python3" whose argv starts with `sys.executable` into its own temporary
-folder and gives nbclient a kernel manager that looks only there. The default
-lookup would take the first "python3" spec on the Jupyter path, which may be
-a user-level kernel of another Python without moe_jax. Nothing is installed
-into the environment, so this works in a fresh virtualenv that only ran
-`pip install -e .[test]`.
+Each notebook's source is notebooks/NN_name.py (jupytext percent format),
+paired with notebooks/NN_name.ipynb, which is committed with its outputs
+(`python experiments/execute_notebooks.py` writes them). The tests
 
-02_inspect_a_run.ipynb runs with its parameters cell overridden: a shorter
-run, fewer shuffles, and the corpus and run directory under pytest's tmp_path.
+  * compare the cells of each .py and its .ipynb, so that an edit of one
+    without the other fails;
+  * check that each committed .ipynb holds a complete, error-free execution
+    and stays small;
+  * execute each source from a fresh kernel and check its printed numbers
+    against values computed here by hand or from the stored files.
+
+The kernel is pinned to this interpreter (`execute_notebooks.kernel_manager`
+writes a kernel spec whose argv starts with `sys.executable` into pytest's
+tmp_path), so this works in a fresh virtualenv that only ran
+`pip install -e .[test]`. Notebooks with parameters run with some of them
+overridden: shorter runs, and files under tmp_path.
 """
 
+import importlib.util
 import json
 import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
+import jupytext
 import nbformat
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
-from nbclient import NotebookClient
+import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 _NUMBER = r"([-+0-9.eE]+|nan|inf)"
 
+_spec = importlib.util.spec_from_file_location(
+  "execute_notebooks", REPO / "experiments" / "execute_notebooks.py"
+)
+execute_notebooks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(execute_notebooks)
 
-def _kernel_manager(root: Path) -> AsyncKernelManager:
-  spec_dir = root / "kernels" / "python3"
-  spec_dir.mkdir(parents=True)
-  spec = {
-    "argv": [
-      sys.executable,
-      "-m",
-      "ipykernel_launcher",
-      "-f",
-      "{connection_file}",
-    ],
-    "display_name": "Python 3 (this interpreter)",
-    "language": "python",
-  }
-  (spec_dir / "kernel.json").write_text(json.dumps(spec))
-  specs = KernelSpecManager(
-    kernel_dirs=[str(root / "kernels")], ensure_native_kernel=False
+
+def _cells(notebook):
+  return [
+    (cell.cell_type, cell.source, cell.metadata.get("tags", []))
+    for cell in notebook.cells
+  ]
+
+
+def test_every_notebook_has_a_source_and_an_ipynb():
+  names = {p.stem for p in SOURCES}
+  assert {p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")} == names
+  assert {
+    "01_routing_by_hand",
+    "02_inspect_a_run",
+    "03_capacity_and_drop_priority",
+    "04_balancing_ablations",
+  } <= names
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_source_and_ipynb_have_the_same_cells(source):
+  from_py = _cells(jupytext.read(source))
+  from_ipynb = _cells(nbformat.read(source.with_suffix(".ipynb"), 4))
+  assert len(from_py) == len(from_ipynb), (
+    f"{source.name} has {len(from_py)} cells, its .ipynb "
+    f"{len(from_ipynb)}: run `jupytext --sync {source}` or "
+    "experiments/execute_notebooks.py."
   )
-  return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+  for number, (a, b) in enumerate(zip(from_py, from_ipynb)):
+    assert a == b, f"cell {number} of {source.name} differs from the .ipynb"
 
 
-def _execute(name: str, tmp_path: Path, overrides: dict | None = None) -> str:
-  """Runs notebooks/<name> in tmp_path; returns its printed text."""
-  notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_ipynb_is_committed_executed(source):
+  path = source.with_suffix(".ipynb")
+  assert path.stat().st_size < 1_000_000
+  notebook = nbformat.read(path, 4)
+  nbformat.validate(notebook)
+  code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  # One run, top to bottom, every cell.
+  assert [cell.execution_count for cell in code] == list(
+    range(1, len(code) + 1)
+  )
+  outputs = [out for cell in code for out in cell.outputs]
+  assert not [out for out in outputs if out.output_type == "error"]
+  # Every notebook prints, and every one of them plots.
+  assert any(out.output_type == "stream" for out in outputs)
+  assert any("image/png" in out.get("data", {}) for out in outputs)
+
+
+def _execute(source: Path, tmp_path: Path, overrides: dict | None = None):
+  """Runs the source `source` (a fresh notebook from the .py) in tmp_path;
+  returns its printed text."""
+  notebook = jupytext.read(source)
   if overrides:
     (cell,) = [
       c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])
@@ -58,15 +103,11 @@ def _execute(name: str, tmp_path: Path, overrides: dict | None = None) -> str:
     lines = [f"{key} = {value!r}" for key, value in overrides.items()]
     cell.source += "\n# Overridden by tests/test_notebooks.py.\n"
     cell.source += "\n".join(lines)
-  km = _kernel_manager(tmp_path)
-  assert km.kernel_spec.argv[0] == sys.executable
-  client = NotebookClient(
-    notebook,
-    km=km,
-    timeout=240,
-    resources={"metadata": {"path": str(tmp_path)}},
+  kernels = tmp_path / "kernel_spec"
+  assert execute_notebooks.kernel_manager(kernels).kernel_spec.argv[0] == (
+    sys.executable
   )
-  client.execute()  # raises CellExecutionError if a cell fails
+  execute_notebooks.run(notebook, tmp_path, kernels, timeout=240)
   outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
   assert not [out for out in outputs if out.output_type == "error"]
   return "".join(
@@ -75,7 +116,7 @@ def _execute(name: str, tmp_path: Path, overrides: dict | None = None) -> str:
 
 
 def test_routing_by_hand(tmp_path):
-  text = _execute("01_routing_by_hand.ipynb", tmp_path)
+  text = _execute(NOTEBOOKS / "01_routing_by_hand.py", tmp_path)
   difference = re.search(r"max \|difference\| = " + _NUMBER, text)
   assert difference and float(difference.group(1)) < 1e-6
   assert "matches the hand formula: True" in text
@@ -84,7 +125,7 @@ def test_routing_by_hand(tmp_path):
 
 def test_inspect_a_run(tmp_path):
   text = _execute(
-    "02_inspect_a_run.ipynb",
+    NOTEBOOKS / "02_inspect_a_run.py",
     tmp_path,
     {
       "WORKDIR": str(tmp_path / "run"),
@@ -105,3 +146,199 @@ def test_inspect_a_run(tmp_path):
   assert len(purity) == 2
   assert all(0 < float(value) <= 1 for value in purity)
   assert "agreement = " in text
+
+
+# ---------------------------------------------------------------------------
+# 03_capacity_and_drop_priority: S = 64, E = 8, K = 2 by default.
+
+
+def _drops(text: str) -> dict:
+  """{priority: {field: value}} from the lines
+  "drop[priority]: all pairs 0.2738, first choices 0.1902, ..."."""
+  out = {}
+  for priority, fields in re.findall(r"^drop\[(\w+)\]: (.*)$", text, re.M):
+    pairs = (field.rsplit(" ", 1) for field in fields.split(", "))
+    out[priority] = {name: float(value) for name, value in pairs}
+  return out
+
+
+def test_capacity_and_drop_priority(tmp_path):
+  text = _execute(
+    NOTEBOOKS / "03_capacity_and_drop_priority.py",
+    tmp_path,
+    {"RESULTS_DIR": str(tmp_path / "results")},
+  )
+  # C for S = 64, E = 8, K = 2, CF = 1.25, min_capacity 0, by hand:
+  #   switch     ceil(1.25 * 64 / 8)           = ceil(10)  = 10
+  #   gshard     ceil(1.25 * 2 * 64 / 8)       = ceil(20)  = 20
+  #   flaxformer round(1.25 * 64 / 8)          = round(10) = 10
+  #   vmoe       ceil(20) -> multiple of 4     = 20
+  #   megatron   as gshard                     = 20
+  #   maxtext    int(max(ceil(128 / 8) * 1.25, 1.25)) = int(20.0) = 20
+  #   praxis     int(64 * 1.25 / 8) = 10 > 0 -> multiple of 4 = 12
+  capacities = re.search(r"C\(S=64, E=8, K=2, CF=1.25\): (.*)", text).group(1)
+  assert dict(re.findall(r"(\w+)=(\d+)", capacities)) == {
+    "switch": "10",
+    "gshard": "20",
+    "flaxformer": "10",
+    "vmoe": "20",
+    "megatron": "20",
+    "maxtext": "20",
+    "praxis": "12",
+  }
+  C = 20  # the gshard rule at CF 1.25, used for the drops by position
+  drops = _drops(text)
+  assert set(drops) == {"k_major", "token_major", "batch_priority"}
+  k_major, token_major, bpr = (
+    drops[p] for p in ("k_major", "token_major", "batch_priority")
+  )
+  # Every order keeps min(n_e, C) of the n_e pairs of expert e (the counter
+  # advances on overflow): the same number of drops.
+  assert k_major["all pairs"] > 0.05
+  assert k_major["all pairs"] == token_major["all pairs"] == bpr["all pairs"]
+  # k-major and batch priority both visit every first choice first, so the
+  # first choices see the same counts; token-major puts earlier second
+  # choices before them.
+  assert k_major["first choices"] == bpr["first choices"]
+  assert k_major["first choices"] < token_major["first choices"]
+  # Token-major: a pair at position t has at most t earlier pairs of its
+  # expert (a token's K choices are distinct), so no drop before t = C;
+  # within an expert the kept pairs are a prefix; and it is causal.
+  assert token_major["first quarter"] == 0.0
+  assert token_major["kept after a drop"] == 0
+  assert token_major["first-half decisions changed by the second half"] == 0
+  assert k_major["kept after a drop"] > 0
+  assert bpr["kept after a drop"] > 0
+  assert k_major["first-half decisions changed by the second half"] > 0
+  assert bpr["first-half decisions changed by the second half"] > 0
+  earliest = dict(
+    ((p, rank), int(t))
+    for p, rank, t in re.findall(
+      r"earliest dropped position\[(\w+), (\w+) choice\]: (\d+)", text
+    )
+  )
+  assert earliest["token_major", "first"] >= C
+  assert earliest["token_major", "second"] >= C
+  assert earliest["k_major", "first"] >= C  # first choices come first
+  assert earliest["k_major", "second"] < C  # ... at the seconds' expense
+  # Drops vs CF for the balanced and the collapsed routers, by hand. With
+  # 64 tokens and top-2, balanced: every expert gets 16 pairs, drop =
+  # max(16 - C, 0) / 16; collapsed: experts 0 and 1 get 64 pairs each,
+  # drop = max(64 - C, 0) / 64; gshard C = ceil(16 CF), switch C = ceil(8 CF).
+  for rule, per_cf in (("gshard", 16), ("switch", 8)):
+    for cf in (0.5, 1.0, 1.25, 2.0, 4.0, 8.0):
+      line = re.search(
+        rf"drop fraction rule={rule} cf={cf:g}: balanced {_NUMBER}, "
+        rf"drawn {_NUMBER}, collapsed {_NUMBER}",
+        text,
+      )
+      balanced, drawn, collapsed = map(float, line.groups())
+      c = math.ceil(per_cf * cf)
+      assert balanced == pytest.approx(max(16 - c, 0) / 16, abs=1e-4)
+      assert collapsed == pytest.approx(max(64 - c, 0) / 64, abs=1e-4)
+      assert balanced <= drawn <= collapsed
+      if c >= 64:  # CF >= E / K (gshard) or E (switch): C = S
+        assert drawn == 0.0
+  assert "switch_capacity suite has not been run yet" in text
+  assert "--suite=switch_capacity --scale=cpu" in text
+
+
+def test_capacity_quality_reads_the_switch_capacity_results(tmp_path):
+  """The last section of notebook 3 on a small results.json of made-up
+  numbers: the table shows their seed means and stds."""
+
+  def run(arm, seed, loss, loss_cf2, drop):
+    return {
+      "arm": arm,
+      "seed": seed,
+      "status": "finished",
+      "summary": {
+        "eval_loss": loss,
+        "eval_loss@cf2": loss_cf2,
+        "eval_loss@cf0.75": loss + 0.05,
+        "drop_fraction": drop,
+      },
+    }
+
+  results = {
+    "suite": "switch_capacity",
+    "scale": "cpu",
+    "runs": [
+      run("top1_cf0.75", 0, 2.30, 2.28, 0.10),
+      run("top1_cf0.75", 1, 2.32, 2.30, 0.12),
+      run("top1_cf1.25", 0, 2.20, 2.19, 0.04),
+      run("top2_cf1.25", 0, 2.10, 2.09, 0.02),
+      run("top2_noK_cf1.25", 0, 2.15, 2.12, 0.20),
+    ],
+    "claims": [
+      {
+        "claim": {"id": "C1", "text": "A larger CF is better."},
+        "verdict": "reproduced",
+      }
+    ],
+  }
+  (tmp_path / "results" / "switch_capacity").mkdir(parents=True)
+  (tmp_path / "results" / "switch_capacity" / "results.json").write_text(
+    json.dumps(results)
+  )
+  text = _execute(
+    NOTEBOOKS / "03_capacity_and_drop_priority.py",
+    tmp_path,
+    {"RESULTS_DIR": str(tmp_path / "results"), "NUM_GROUPS": 32},
+  )
+  assert "has not been run yet" not in text
+  assert "switch_capacity at scale 'cpu': 5 runs" in text
+  # mean(2.30, 2.32) = 2.31, std (ddof 1) = 0.02 / sqrt(2) = 0.0141.
+  rows = [
+    ["top-1", "0.75", "2", "2.3100", "0.0141", "2.2900", "0.1100"],
+    ["top-1", "1.25", "1", "2.2000", "0.0000", "2.1900", "0.0400"],
+    ["top-2, C with K", "1.25", "1", "2.1000", "0.0000", "2.0900", "0.0200"],
+    ["top-2, C without K", "1.25", "1", "2.1500", "0.0000", "2.1200", "0.2000"],
+  ]
+  for fields in rows:
+    pattern = r"^ *" + r" +".join(map(re.escape, fields)) + r"$"
+    assert re.search(pattern, text, re.M), fields
+  assert "C1: reproduced -- A larger CF is better." in text
+
+
+# ---------------------------------------------------------------------------
+# 04_balancing_ablations: reads results/ as committed.
+
+
+def test_balancing_ablations(tmp_path):
+  text = _execute(NOTEBOOKS / "04_balancing_ablations.py", tmp_path)
+  # The counts, from the JSON files themselves.
+  counts = Counter()
+  stored = sorted(p.parent.name for p in REPO.glob("results/*/results.json"))
+  for name in stored:
+    results = json.loads((REPO / "results" / name / "results.json").read_text())
+    counts.update(row["verdict"] for row in results.get("claims", []))
+  line = re.search(
+    r"^verdict counts: (.*) \((\d+) claims in (\d+) suites\)$", text, re.M
+  )
+  assert line, text
+  pairs = (item.split("=") for item in line.group(1).split(", "))
+  printed = {verdict: int(n) for verdict, n in pairs}
+  assert printed == {
+    v: counts[v]
+    for v in ("reproduced", "not reproduced", "inconclusive", "not run")
+  }
+  assert int(line.group(2)) == sum(counts.values())
+  assert int(line.group(3)) == len(stored)
+  # Suites: every run book that defines SUITE; those without results are
+  # listed as not run yet.
+  defined = sorted(
+    p.stem
+    for p in (REPO / "configs" / "reproduce").glob("*.py")
+    if "SUITE = Suite(" in p.read_text()
+  )
+  missing = [name for name in defined if name not in stored]
+  assert f"suites with results: {', '.join(stored) or 'none'}" in text
+  assert f"not run yet: {', '.join(missing) or 'none'}" in text
+  # One summary line per suite with results, with its claims' verdicts.
+  for name in stored:
+    results = json.loads((REPO / "results" / name / "results.json").read_text())
+    verdicts = ", ".join(
+      f"{row['claim']['id']} {row['verdict']}" for row in results["claims"]
+    )
+    assert f"{name}: {len(results['runs'])} runs; {verdicts}" in text
