@@ -311,8 +311,10 @@ def layer_mean(row: dict, name: str) -> tuple[float, float] | None:
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, values) of a metric over a run; "*" in `key` stands for the MoE
-  layer and is averaged over layers."""
+  """(steps, values) of a metric over a run, in increasing step order; "*" in
+  `key` stands for the MoE layer and is averaged over layers. A step logged
+  twice (a run restarted without cutting its log) keeps its last value: the
+  rows of the restarted run supersede the lost run's."""
   steps, values = [], []
   if "*" in key:
     prefix, name = key.split("/moe/*/")
@@ -330,7 +332,9 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
       if isinstance(row.get(key), (int, float)):
         steps.append(row["step"])
         values.append(row[key])
-  return np.asarray(steps), np.asarray(values, np.float64)
+  latest = dict(zip(steps, values))
+  steps = sorted(latest)
+  return np.asarray(steps), np.asarray([latest[s] for s in steps], np.float64)
 
 
 def count_spikes(losses: np.ndarray, ratio: float = 1.2, window: int = 5):

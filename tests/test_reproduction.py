@@ -194,6 +194,18 @@ def test_series_averages_layers_per_step():
   assert steps.tolist() == [1, 3] and values.tolist() == [2.0, 6.0]
 
 
+def test_series_keeps_the_restarted_runs_rows():
+  # A run killed before its first checkpoint and restarted logged 10, 20, 10,
+  # 20, 30: the second 10 and 20 supersede the first.
+  rows = [
+    {"step": step, "train/loss": loss}
+    for step, loss in [(10, 5.0), (20, 4.0), (10, 5.5), (20, 4.5), (30, 4.2)]
+  ]
+  steps, values = reproduction.series(rows, "train/loss")
+  assert steps.tolist() == [10, 20, 30]
+  assert values.tolist() == [5.5, 4.5, 4.2]
+
+
 # ---- every suite -------------------------------------------------------------
 
 
