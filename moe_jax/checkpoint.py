@@ -87,6 +87,17 @@ class Checkpointer:
     """Returns the newest saved step, or None when there is none."""
     return self._manager.latest_step()
 
+  def should_save(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, ..., force=force)` would write a checkpoint: a
+    trainer asks first, to check the state before it is saved."""
+    if not force and step % self.save_interval_steps:
+      return False
+    return step not in self._manager.all_steps()
+
+  def step_path(self, step: int) -> str:
+    """The directory of the checkpoint of `step`."""
+    return os.path.join(self.directory, str(step))
+
   def save(
     self, step: int, state: Any, data_state: dict, *, force: bool = False
   ) -> bool:
@@ -103,9 +114,7 @@ class Checkpointer:
       `step` is already saved (e.g. a forced final save right after the
       periodic one).
     """
-    if not force and step % self.save_interval_steps:
-      return False
-    if step in self._manager.all_steps():
+    if not self.should_save(step, force=force):
       return False
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from moe_jax import (
   deepseek,
+  errors,
   expert_parallel,
   losses,
   metrics,
@@ -68,7 +69,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _choice(name, value, allowed):
   if value not in allowed:
-    raise ValueError(f"unknown {name}={value!r}; allowed: {sorted(allowed)}.")
+    raise errors.ConfigError(
+      f"unknown {name}={value!r}; allowed: {sorted(allowed)}."
+    )
 
 
 _NONCAUSAL_ERRORS = {
@@ -191,6 +194,12 @@ class MoeConfig:
   shared_expert_dim: int = 0
 
   def __post_init__(self):
+    # Every ValueError of the checks (also those of routing and deepseek)
+    # is a mistake in the configuration.
+    with errors.config_errors():
+      self._validate()
+
+  def _validate(self):
     if self.num_experts < 1:
       raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
     scheme = routing.routing_scheme(self.router, self.top_k, self.num_experts)

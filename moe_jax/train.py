@@ -3,13 +3,43 @@
   python -m moe_jax.train --config=configs/switch_top1.py \
       --workdir=runs/switch --config.model.moe.num_experts=16
 
-Re-running the same command with the same --workdir resumes from the latest
-checkpoint and continues exactly as an uninterrupted run would: the state,
-the input pipeline's position and the metric log are restored together, and
-every step's randomness is derived from (seed, step).
+A workdir belongs to one run of one config; its guarantees (each checked by
+the test named; see also the README's "Guarantees"):
+
+* Resuming. Re-running the same command with the same --workdir resumes
+  from the latest checkpoint ("resuming from step N (checkpoint <path>)")
+  and continues exactly as an uninterrupted run would: the state, the input
+  pipeline's position and the metric log are restored together, and every
+  step's randomness is derived from (seed, step)
+  (test_resumed_run_equals_uninterrupted_run). Without a checkpoint the run
+  "starts fresh": the rows a stopped launch logged are dropped and
+  TensorBoard hides its events (test_killed_before_the_first_checkpoint_
+  starts_clean).
+* One config. A launch whose config differs from <workdir>/config.json is
+  refused before anything is written or compiled, naming each key with both
+  values (test_a_different_config_is_refused_before_anything_is_written).
+  `--allow_config_change=KEY,...` lets a launch change keys of
+  `writers.SAFE_CHANGES` (train.num_steps, the logging / evaluation /
+  checkpoint intervals, the mesh); a longer train.num_steps recomputes the
+  learning-rate schedule for the new length from the step it takes effect
+  on. Each launch after the first and each change is appended to
+  <workdir>/history.jsonl; run_info.json stays the first launch's
+  (test_extending_a_run_recomputes_the_schedule_and_records_it).
+* Divergence. A non-finite loss term (lm_loss, an aux/<name> loss, the
+  gradient norm) or train state stops the run with `errors.DivergenceError`
+  (a FloatingPointError: "training diverged at step N: non-finite ..."), a
+  {"step": N, "event": "diverged", "terms": [...]} row in metrics.jsonl,
+  and a newest checkpoint from before step N: the steps that checkpoint (or
+  evaluate) read their own loss before saving (test_divergence_names_step_
+  and_terms_and_keeps_a_finite_checkpoint).
+* Errors. A configuration mistake (`errors.ConfigError`: a bad value, an
+  unknown key, a config file that does not load, a refused workdir) is one
+  line on stderr, `error: <message>`, and exit status 2; other exceptions
+  keep their traceback (test_command_line_config_mistakes_are_one_line).
 
 The workdir receives config.json, run_info.json (git revision, versions),
-metrics.jsonl, TensorBoard events, checkpoints/ and summary.png.
+history.jsonl (later launches), metrics.jsonl, TensorBoard events,
+checkpoints/ and summary.png.
 
 On several devices, `--config.mesh.shape=(data,expert,model)` shards the run
 (`moe_jax.sharding`); with `--distributed` (and on one machine
@@ -19,7 +49,10 @@ training".
 """
 
 import functools
+import sys
 import time
+import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -33,7 +66,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from moe_jax import data, metrics, plotting, sharding, writers
+from moe_jax import data, errors, metrics, plotting, sharding, writers
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -69,7 +102,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
     "constant": optax.constant_schedule(peak),
   }
   if opt.schedule not in decays:
-    raise ValueError(
+    raise errors.ConfigError(
       f"unknown schedule={opt.schedule!r}; allowed: {sorted(decays)}."
     )
   schedule = optax.join_schedules(
@@ -106,7 +139,7 @@ def aux_loss_weight(loss_config: ml_collections.ConfigDict, name: str):
   for key in keys:
     if key in loss_config:
       return loss_config[key]
-  raise ValueError(
+  raise errors.ConfigError(
     f"the model sows the auxiliary loss {name!r} but config.loss has no "
     f"weight for it; add config.loss.{keys[0]}."
   )
@@ -293,14 +326,58 @@ def _open_data(config):
   return train_iter, eval_batches
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Runs (or resumes) training in `workdir`; returns the final metrics."""
-  # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
-  layout = sharding.Layout.from_config(config)
-  train_iter, eval_batches = _open_data(config)
-  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+def check_train_config(train_config: ml_collections.ConfigDict):
+  """Raises ConfigError unless the loop's counts of config.train are >= 1."""
+  for key in (
+    "num_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "max_checkpoints_to_keep",
+  ):
+    value = train_config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.ConfigError(
+        f"train.{key}={value!r} must be an integer >= 1."
+      )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: Sequence[str] | str = (),
+):
+  """Runs (or resumes) training in `workdir`; returns the final metrics.
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory. If it holds a config.json, `config` must
+      equal it (`writers.check_config_change`), except in the keys named in
+      `allow_config_change`.
+    allow_config_change: keys of `writers.SAFE_CHANGES` this launch may
+      change (a sequence or a comma-separated string).
+
+  Raises:
+    errors.ConfigError: a bad config value, or a config the workdir's run
+      cannot continue with; nothing was written then.
+    errors.DivergenceError: a non-finite loss or train state at some step
+      (a FloatingPointError; the message reads "... at step N: ..."). The
+      newest checkpoint is from before that step.
+  """
+  # ---- The config's validity and the workdir's contract, before anything
+  # is written or compiled.
   num_steps = config.train.num_steps
-  tx, schedule = make_optimizer(config.optimizer, num_steps)
+  with errors.config_errors():
+    check_train_config(config.train)
+    layout = sharding.Layout.from_config(config)
+    model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
+    tx, schedule = make_optimizer(config.optimizer, num_steps)
+  changes = writers.check_config_change(workdir, config, allow_config_change)
+
+  # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
+  train_iter, eval_batches = _open_data(config)
+  model = TransformerLM(model_config)
   state = init_state(config, model, tx, eval_batches[0], layout)
   step_fn = layout.jit_train_step(
     bind_train_step(config, model, tx, schedule),
@@ -314,11 +391,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # ---- Fresh start or resume from the latest checkpoint. In a multi-process
   # run every process saves its shards; only process 0 writes the logs.
-  main_process = jax.process_index() == 0
-  writer = writers.NullWriter()
-  if main_process:
-    writers.write_run_info(workdir, config)
-    writer = writers.MetricWriter(workdir)
   ckpt = Checkpointer(
     f"{workdir}/checkpoints",
     max_to_keep=config.train.max_checkpoints_to_keep,
@@ -327,8 +399,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state)
     train_iter.set_state(data_state)
-    writer.truncate_after(int(state.step))
   start = int(state.step)
+  if start > num_steps:
+    ckpt.close()
+    raise errors.ConfigError(
+      f"train.num_steps={num_steps} is below step {start} of the checkpoint "
+      f"in {ckpt.directory}: a run cannot be cut back past its checkpoint."
+    )
+  main_process = jax.process_index() == 0
+  writer = writers.NullWriter()
+  if main_process:
+    writers.write_run_info(workdir, config, step=start, changes=changes)
+    writer = writers.MetricWriter(workdir)
+  # Rows logged after `start` (all of them when there is no checkpoint)
+  # belong to a launch that was stopped: they are logged again.
+  dropped = writer.truncate_after(start)
+  if start:
+    print(f"resuming from step {start} (checkpoint {ckpt.step_path(start)})")
+  else:
+    print(f"starting fresh at step 0 in {workdir} (no checkpoint)")
+  if dropped:
+    print(f"dropped {dropped} metric rows of steps > {start} (logged again)")
+  for change in changes:
+    print(f"config change from step {start}: {_describe(change)}")
   baseline = data.unigram_baseline(config.data)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(
@@ -336,8 +429,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     f"unigram baseline {baseline:.3f} nats/token; {layout.describe()}"
   )
 
-  # ---- Train; step t's metrics are read after step t+1 is dispatched.
-  # On any exit (a crash, Ctrl-C) the checkpoint in flight is finished.
+  # ---- Train; step t's metrics are read after step t+1 is dispatched,
+  # except at the steps that evaluate or checkpoint: these first check that
+  # step t's loss terms (and, before a save, the state) are finite, so a
+  # diverged state is never evaluated or saved. On any exit (a crash,
+  # Ctrl-C) the checkpoint in flight is finished.
   pending, last_eval, tick = None, {}, time.perf_counter()
   bar = tqdm.tqdm(
     range(start, num_steps),
@@ -350,21 +446,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     for step in bar:
       state, logged = step_fn(state, layout.put_batch(next(train_iter)))
       if pending is not None:
-        _report(writer, bar, *pending)
+        _report(writer, bar, ckpt, *pending)
         pending = None
       done = step + 1
+      evaluating = done % config.train.eval_every == 0 or done == num_steps
+      saving = ckpt.should_save(done, force=done == num_steps)
       if done % config.train.log_every == 0 or done == num_steps:
         pending = (done, logged, time.perf_counter() - tick)
         tick = time.perf_counter()
-      if done % config.train.eval_every == 0 or done == num_steps:
+      if evaluating or saving:
+        if pending is not None:
+          _report(writer, bar, ckpt, *pending)
+          pending = None
+        else:
+          _check_finite(writer, ckpt, done, _host_metrics("train", logged))
+      if saving:
+        _check_state_finite(writer, ckpt, done, state)
+      if evaluating:
         last_eval = _host_metrics(
           "eval", evaluate(eval_fn, eval_variables(state), eval_batches)
         )
         last_eval["eval/unigram_baseline"] = baseline
         writer.write(done, last_eval)
-      ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
+      if saving:
+        ckpt.save(done, state, train_iter.get_state(), force=True)
     if pending is not None:
-      _report(writer, bar, *pending)
+      _report(writer, bar, ckpt, *pending)
   finally:
     bar.close()
     ckpt.close()
@@ -376,13 +483,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return last_eval
 
 
-def _report(writer, bar, step, logged, seconds):
+def _describe(change: writers.ConfigChange) -> str:
+  if change.added:
+    return f"{change.key} = {change.new!r} (a key new to moe_jax)"
+  if change.removed:
+    return f"{change.key} dropped (moe_jax no longer has it)"
+  note = ""
+  if change.key == "train.num_steps":
+    note = " (the learning-rate schedule is recomputed for the new length)"
+  return f"{change.key}: {change.old!r} -> {change.new!r}{note}"
+
+
+def _report(writer, bar, ckpt, step, logged, seconds):
   host = _host_metrics("train", logged)
-  if not np.isfinite(host["train/loss"]):
-    raise FloatingPointError(f"loss is {host['train/loss']} at step {step}.")
+  _check_finite(writer, ckpt, step, host)
   host["train/seconds_since_last_log"] = seconds
   writer.write(step, host)
   bar.set_postfix(loss=f"{host['train/lm_loss']:.3f}")
+
+
+def _diverged(writer, ckpt, step: int, terms: list[str], what: str):
+  """Logs the divergence event and raises DivergenceError."""
+  writer.write_event(step, "diverged", terms=terms)
+  ckpt.wait_until_finished()
+  latest = ckpt.latest_step()
+  kept = (
+    f"the newest checkpoint is step {latest} ({ckpt.step_path(latest)})"
+    if latest is not None
+    else "no checkpoint was saved"
+  )
+  raise errors.DivergenceError(
+    f"training diverged at step {step}: non-finite {what}; {kept}.",
+    step,
+    terms,
+  )
+
+
+def _check_finite(writer, ckpt, step: int, host: dict):
+  """Raises DivergenceError naming each non-finite loss term of `host` (the
+  "train/" metrics of `step`): lm_loss, each aux/<name> loss (the z-loss is
+  aux/router_z_loss), grad_norm; the total loss only when no term is."""
+  names = [
+    "lm_loss",
+    *sorted(k[6:] for k in host if k.startswith("train/aux/")),
+  ]
+  names.append("grad_norm")
+  bad = [n for n in names if not np.isfinite(host[f"train/{n}"])]
+  if not bad and not np.isfinite(host["train/loss"]):
+    bad = ["loss"]
+  if bad:
+    what = ", ".join(f"{n}={host[f'train/{n}']}" for n in bad)
+    _diverged(writer, ckpt, step, bad, what)
+
+
+@jax.jit
+def _finite_parts(state: TrainState) -> dict[str, jax.Array]:
+  def finite(tree):
+    leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+  return {
+    name: finite(getattr(state, name))
+    for name in ("params", "opt_state", "router_state")
+  }
+
+
+def _check_state_finite(writer, ckpt, step: int, state: TrainState):
+  """Raises DivergenceError when the state about to be saved holds a NaN or
+  an infinity (a finite loss does not prove it: a NaN in an expert that no
+  token reached leaves the loss finite)."""
+  parts = jax.device_get(_finite_parts(state))
+  bad = [name for name, ok in parts.items() if not ok]
+  if bad:
+    _diverged(writer, ckpt, step, bad, f"train state ({', '.join(bad)})")
 
 
 def _print_summary(last_eval, baseline, plot_path):
@@ -408,6 +585,13 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file in configs/.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the run.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+  "allow_config_change",
+  [],
+  "Config keys this launch may change in a workdir that holds a run of "
+  "another value, e.g. train.num_steps to extend it (see "
+  "moe_jax.writers.SAFE_CHANGES); recorded in <workdir>/history.jsonl.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
   False,
@@ -425,17 +609,94 @@ _PROCESS_ID = flags.DEFINE_integer(
 )
 
 
+def _exit_config_error(message: str):
+  """A mistake in the command: one line on stderr, exit status 2."""
+  print(f"error: {errors.one_line(message)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_key_message(error: BaseException, argv: list[str]) -> str:
+  """What ml_collections' KeyError / AttributeError for a misspelled
+  --config.<path> override says, readable: its message is the repr of a
+  KeyError's ("'routr'\\nDid you mean \\"router\\"..."), unwrapped here."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  name, _, hint = text.partition("\n")
+  name = name.strip("'\"")
+  flag = next(
+    (
+      arg.split("=", 1)[0]
+      for arg in argv
+      if arg.startswith("--config.") and name in arg.split("=", 1)[0].split(".")
+    ),
+    None,
+  )
+  where = f" in {flag}" if flag else ""
+  hint = f"; {hint.strip()[0].lower()}{hint.strip()[1:]}" if hint else ""
+  return f"unknown config key {name!r}{where}{hint}"
+
+
+def _from_ml_collections(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and "ml_collections" in frames[-1].filename
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the mistakes of a command line (a bad flag
+  value, an unknown config key, a config file that does not load) turned
+  into one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_config_error(str(e))
+  except (KeyError, AttributeError) as e:
+    if not _from_ml_collections(e):
+      raise
+    _exit_config_error(_unknown_key_message(e, argv))
+  except OSError as e:  # overrides of a config file that failed to load
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    _exit_config_error(_config_load_message(e, paths[-1] if paths else "?"))
+
+
+def _config_load_message(error: BaseException, path: str) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = lines[-1] if lines else type(error).__name__
+  return f"cannot load --config={path}: {reason}"
+
+
+def _load_config() -> ml_collections.ConfigDict:
+  config = _CONFIG.value
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  try:  # a config file that failed to load raises on any attribute
+    config.get("train")
+  except OSError as e:
+    raise errors.ConfigError(_config_load_message(e, path)) from e
+  raise errors.ConfigError(
+    f"--config={path}: get_config() returned {type(config).__name__}, not a "
+    "ConfigDict."
+  )
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  try:
+    config = _load_config()
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+      )
+    train_and_evaluate(
+      config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
     )
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.ConfigError as e:
+    _exit_config_error(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -5,19 +5,31 @@ A workdir ends up with
   metrics.jsonl   one JSON object per `MetricWriter.write` call:
                   {"step": 100, "train/loss": 3.2, "train/moe/layer_01/
                   expert_fraction": [0.12, ...]}; NaN and +-inf are null.
+                  `write_event` adds rows such as {"step": 20, "event":
+                  "diverged", "terms": ["lm_loss"]} (JSONL only).
   tensorboard/    the same numbers as TensorBoard scalars. A list value
                   `key` becomes one scalar per element, `key/00`, `key/01`...
   config.json     the run's ConfigDict (`write_run_info`).
-  run_info.json   versions, devices, git revision, command line, start time.
+  run_info.json   versions, devices, git revision, command line, start time
+                  of the first launch; never replaced.
+  history.jsonl   one row per later launch ({"event": "launch", "step",
+                  "run_info"}) and per config change it made ({"event":
+                  "config_change", "key", "old", "new", "step"}).
 
-When a run resumes from a checkpoint at step s, `truncate_after(s)` drops the
-rows logged after s, so the JSONL continues exactly as an uninterrupted run's
-would. TensorBoard is told (by the `purge_step` of the event file that the
-next write opens) to hide the events logged after s.
+A workdir belongs to one config: `check_config_change` compares a launch's
+config with config.json before anything is written, and refuses any
+difference but those in keys of SAFE_CHANGES that the launch names.
+
+When a run starts, `truncate_after(s)` (s: the step of the checkpoint it
+resumes from, 0 without one) drops the rows logged after s, so the JSONL
+continues exactly as an uninterrupted run's would. TensorBoard is told (by
+the `purge_step` of the event file that the next write opens) to hide the
+events logged after s.
 
 Only one process of a multi-host run should write (e.g. process 0).
 """
 
+import dataclasses
 import datetime
 import importlib
 import json
@@ -27,9 +39,12 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from moe_jax import errors
 
 METRICS_FILE = "metrics.jsonl"
 # Whose versions run_info.json records, besides python's.
@@ -92,13 +107,21 @@ class MetricWriter:
         self._summary.add_scalar(name, value_or_nan, row["step"])
     self._summary.flush()
 
-  def truncate_after(self, step: int):
+  def truncate_after(self, step: int) -> int:
     """Drops every row logged for a step later than `step`.
 
-    Call it when resuming from the checkpoint of `step`: the rows after it
-    belong to the interrupted run's future and will be logged again.
+    Call it when a run starts: with the step of the checkpoint it resumes
+    from, or with 0 when there is none (a launch stopped before its first
+    checkpoint logged rows that the new one logs again). The rows after
+    `step` belong to an interrupted launch's future. TensorBoard hides the
+    events of steps > `step` from earlier event files (`purge_step` of the
+    next file), unless there are none.
+
+    Returns:
+      How many rows were dropped.
     """
-    kept = [row for row in read_metrics(self.workdir) if row["step"] <= step]
+    rows = read_metrics(self.workdir)
+    kept = [row for row in rows if row["step"] <= step]
     self._file.close()
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -109,7 +132,20 @@ class MetricWriter:
     if self._summary is not None:
       self._summary.close()
       self._summary = None
-    self._purge_step = step + 1
+    # Events of an earlier launch may lie beyond `step` even when the JSONL
+    # holds none (that launch truncated it and was stopped before it wrote).
+    board = os.path.join(self.workdir, "tensorboard")
+    if os.path.isdir(board) and os.listdir(board):
+      self._purge_step = step + 1
+    return len(rows) - len(kept)
+
+  def write_event(self, step: int, event: str, **fields):
+    """Logs a row {"step": step, "event": event, **fields} to the JSONL
+    only (not TensorBoard), e.g. {"step": 20, "event": "diverged", "terms":
+    ["lm_loss"]}. `fields` must be JSON values."""
+    row = {"step": int(step), "event": event, **fields}
+    self._file.write(json.dumps(row, allow_nan=False) + "\n")
+    self._file.flush()
 
   def close(self):
     """Flushes and closes both writers."""
@@ -132,8 +168,12 @@ class NullWriter:
   def write(self, step: int, metrics: dict[str, Any]):
     del step, metrics
 
-  def truncate_after(self, step: int):
+  def truncate_after(self, step: int) -> int:
     del step
+    return 0
+
+  def write_event(self, step: int, event: str, **fields):
+    del step, event, fields
 
   def close(self):
     pass
@@ -197,30 +237,155 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
-def write_run_info(workdir: str, config) -> dict:
-  """Writes <workdir>/config.json and <workdir>/run_info.json.
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run_info.json"
+HISTORY_FILE = "history.jsonl"
+
+# The config keys that may change between launches of one run, when the
+# launch names them in `allow_config_change` (--allow_config_change): how
+# long the run is, how often it logs, evaluates and checkpoints, and how its
+# arrays are laid out over devices (checkpoints hold global arrays). Changing
+# train.num_steps recomputes the learning-rate schedule for the new length
+# (warmup, then decay to the end of the new num_steps), from the step the
+# change takes effect on: a cosine run extended after its end starts again
+# from where the longer cosine is at that step. Everything else is what the
+# run measures, and needs a new workdir.
+SAFE_CHANGES = (
+  "train.num_steps",
+  "train.eval_every",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.max_checkpoints_to_keep",
+  "train.progress_bar",
+  "mesh.shape",
+  "mesh.expert_parallel",
+  "mesh.logical_axis_rules",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+  """A config key whose value differs from the workdir's config.json.
+
+  `old` / `new` are JSON values; `added` / `removed`: the key is absent from
+  the workdir's config (moe_jax gained it since the run began) / from the
+  new one (moe_jax dropped it).
+  """
+
+  key: str
+  old: Any = None
+  new: Any = None
+  added: bool = False
+  removed: bool = False
+
+
+def flatten_config(config) -> dict[str, Any]:
+  """The leaves of a config (ConfigDict or nested dict) under dotted keys,
+  {"model.moe.num_experts": 8, ...}, as JSON holds them (tuples -> lists)."""
+  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  normal = json.loads(json.dumps(_jsonable(as_dict, "config")))
+  flat = {}
+
+  def walk(prefix: str, value: Any):
+    if isinstance(value, dict) and value:
+      for key, inner in value.items():
+        walk(f"{prefix}{key}.", inner)
+    else:
+      flat[prefix[:-1]] = value
+
+  walk("", normal)
+  return flat
+
+
+def check_config_change(
+  workdir: str, config, allow: Sequence[str] | str = ()
+) -> list[ConfigChange]:
+  """Enforces "a workdir belongs to one config" before a launch writes
+  anything.
+
+  Compares `config` with <workdir>/config.json (when there is one), leaf by
+  leaf, as JSON values. A key present on one side only (moe_jax gained or
+  dropped it since the run began) is accepted and returned, marked added /
+  removed; any other difference must be named in `allow`.
 
   Args:
-    workdir: the run's directory; created if missing.
-    config: an ml_collections ConfigDict (or a plain dict).
+    workdir: the run's directory.
+    config: the config of this launch.
+    allow: keys that may differ, each one of SAFE_CHANGES; a sequence or a
+      comma-separated string.
 
   Returns:
-    The run_info dict that was written.
+    The accepted changes, for `write_run_info` to record.
+
+  Raises:
+    ConfigError: `allow` names a key outside SAFE_CHANGES, or the configs
+      differ in a key `allow` does not name. The message names each key with
+      both values.
   """
+  if isinstance(allow, str):
+    allow = [key for key in allow.split(",") if key]
+  unsafe = sorted(set(allow) - set(SAFE_CHANGES))
+  if unsafe:
+    raise errors.ConfigError(
+      f"--allow_config_change names {', '.join(unsafe)}, which cannot change "
+      f"within a run; only these can: {', '.join(SAFE_CHANGES)}. For another "
+      "config, use a new --workdir."
+    )
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    old = flatten_config(json.load(f))
+  new = flatten_config(config)
+  changes = [
+    ConfigChange(
+      key,
+      old.get(key),
+      new.get(key),
+      added=key not in old,
+      removed=key not in new,
+    )
+    for key in sorted(old.keys() | new.keys())
+    if key not in old or key not in new or old[key] != new[key]
+  ]
+  refused = [
+    c for c in changes if not (c.added or c.removed) and c.key not in allow
+  ]
+  if refused:
+    differences = "; ".join(
+      f"{c.key}: {json.dumps(c.old)} in the workdir, {json.dumps(c.new)} now"
+      for c in refused
+    )
+    fixed = [c.key for c in refused if c.key not in SAFE_CHANGES]
+    if fixed:
+      hint = (
+        f"{', '.join(fixed)} cannot change within a run: use a new --workdir "
+        f"(only {', '.join(SAFE_CHANGES)} can change, with "
+        "--allow_config_change=KEY,...)."
+      )
+    else:
+      keys = ",".join(c.key for c in refused)
+      hint = (
+        f"To change this run from its next step on, pass "
+        f"--allow_config_change={keys} (train_and_evaluate's "
+        "allow_config_change)."
+      )
+    raise errors.ConfigError(
+      f"{workdir} holds a run of another config: {differences}. {hint}"
+    )
+  return changes
+
+
+def run_info() -> dict:
+  """Versions, devices, git revision, command line and time of this
+  process."""
   import jax
 
   import moe_jax
 
-  workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(_jsonable(as_dict, "config"), f, indent=2, sort_keys=True)
-    f.write("\n")
-
   devices = jax.devices()
   now = datetime.datetime.now(datetime.timezone.utc)
-  info = {
+  return {
     "moe_jax_version": moe_jax.__version__,
     "git": git_revision(os.path.dirname(os.path.abspath(moe_jax.__file__))),
     "versions": {
@@ -234,10 +399,81 @@ def write_run_info(workdir: str, config) -> dict:
     "command": list(sys.argv),
     "start_time_utc": now.isoformat(timespec="seconds"),
   }
-  with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2)
-    f.write("\n")
+
+
+def write_run_info(
+  workdir: str, config, *, step: int = 0, changes: Sequence[ConfigChange] = ()
+) -> dict:
+  """Records a launch of the run in `workdir`.
+
+  The first launch writes <workdir>/config.json and <workdir>/run_info.json.
+  Neither is replaced silently afterwards: each later launch appends to
+  <workdir>/history.jsonl a row {"time", "event": "launch", "step",
+  "run_info"} and one {"time", "event": "config_change", "key", "old",
+  "new", "step"} per accepted change (`check_config_change`; "old" is null
+  for a key the workdir lacked, "new" null for one this config lacks), and
+  only then rewrites config.json to `config`.
+
+  Args:
+    workdir: the run's directory; created if missing.
+    config: an ml_collections ConfigDict (or a plain dict).
+    step: the step this launch starts from (its checkpoint's, else 0).
+    changes: what `check_config_change` accepted for this launch.
+
+  Returns:
+    This launch's run_info dict.
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  config_text = (
+    json.dumps(_jsonable(as_dict, "config"), indent=2, sort_keys=True) + "\n"
+  )
+  info = run_info()
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  info_path = os.path.join(workdir, RUN_INFO_FILE)
+  if os.path.exists(info_path):
+    time_utc = info["start_time_utc"]
+    rows = [
+      {"time": time_utc, "event": "launch", "step": step, "run_info": info}
+    ]
+    rows += [
+      {
+        "time": time_utc,
+        "event": "config_change",
+        "key": c.key,
+        "old": c.old,
+        "new": c.new,
+        "step": step,
+      }
+      for c in changes
+    ]
+    with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+  else:
+    _write_atomically(info_path, json.dumps(info, indent=2) + "\n")
+  if changes or not os.path.exists(config_path):
+    _write_atomically(config_path, config_text)
   return info
+
+
+def read_history(workdir: str) -> list[dict]:
+  """The rows of <workdir>/history.jsonl ([] when there is none)."""
+  path = os.path.join(os.fspath(workdir), HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_atomically(path: str, text: str):
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def git_revision(directory: str) -> dict | None:

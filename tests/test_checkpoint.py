@@ -193,3 +193,16 @@ def test_typed_prng_keys_round_trip(tmp_path):
   np.testing.assert_array_equal(
     jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"])
   )
+
+
+def test_should_save_answers_what_save_would_do(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=5) as ckpt:
+    assert not ckpt.should_save(3)
+    assert ckpt.should_save(3, force=True)
+    assert ckpt.should_save(5)
+    ckpt.save(5, {"x": jnp.zeros(2)}, {})
+    assert not ckpt.should_save(5)
+    assert not ckpt.should_save(5, force=True)  # already saved
+    ckpt.wait_until_finished()
+    assert ckpt.step_path(5) == str(tmp_path / "5")
+    assert (tmp_path / "5").is_dir()

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -11,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moe_jax import data, train, writers
+from moe_jax import data, errors, train, writers
 from moe_jax.models import TransformerConfig, TransformerLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,13 +148,47 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _env():
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    # This checkout's moe_jax, not whichever one is installed.
+    PYTHONPATH=os.pathsep.join(
+      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    ),
+  )
+
+
+def _cli(args, cwd, **kwargs):
+  """Runs `python -m moe_jax.train *args`; returns the CompletedProcess."""
+  return subprocess.run(
+    [sys.executable, "-m", "moe_jax.train", *args],
+    capture_output=True,
+    text=True,
+    env=_env(),
+    cwd=cwd,
+    **kwargs,
+  )
+
+
+def _assert_one_line_error(done, *fragments):
+  """Exit status 2 and exactly one stderr line `error: ...` holding each of
+  `fragments`, no traceback."""
+  assert done.returncode == 2, done.stderr[-3000:]
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert lines[0].startswith("error: ")
+  assert "Traceback" not in done.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+
+
 def test_command_line_runs_and_resumes(tmp_path, data_dir):
   """`python -m moe_jax.train` with config overrides; a second call with the
-  same workdir finds the run finished and resumes nothing."""
+  same workdir finds the run finished and resumes nothing; a third with
+  another train.num_steps is refused unless --allow_config_change names it,
+  and then extends the run; a bad router is one line of error."""
   args = [
-    sys.executable,
-    "-m",
-    "moe_jax.train",
     f"--config={REPO / 'configs' / 'gshard_top2.py'}",
     f"--workdir={tmp_path}",
     f"--config.data.data_dir={data_dir}",
@@ -168,36 +205,291 @@ def test_command_line_runs_and_resumes(tmp_path, data_dir):
     "--config.train.log_every=1",
     "--config.train.progress_bar=False",
   ]
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    # This checkout's moe_jax, not whichever one is installed.
-    PYTHONPATH=os.pathsep.join(
-      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    ),
-  )
-  first = subprocess.run(
-    args, capture_output=True, text=True, env=env, cwd=tmp_path
-  )
+  first = _cli(args, tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "validation loss" in first.stdout
+  assert "starting fresh" in first.stdout
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model"]["moe"]["router"] == "gshard"
   assert config["model"]["d_model"] == 32
-  second = subprocess.run(
-    args, capture_output=True, text=True, env=env, cwd=tmp_path
-  )
+  run_info = (tmp_path / "run_info.json").read_bytes()
+  second = _cli(args, tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "steps 3 -> 3" in second.stdout
-  bad = subprocess.run(
-    args + ["--config.model.moe.router=nope"],
-    capture_output=True,
-    text=True,
-    env=env,
+  assert f"resuming from step 3 (checkpoint {tmp_path}/checkpoints/3)" in (
+    second.stdout
+  )
+  longer = [*args, "--config.train.num_steps=5"]
+  refused = _cli(longer, tmp_path)
+  _assert_one_line_error(
+    refused,
+    "train.num_steps: 3 in the workdir, 5 now",
+    "--allow_config_change=train.num_steps",
+  )
+  extended = _cli([*longer, "--allow_config_change=train.num_steps"], tmp_path)
+  assert extended.returncode == 0, extended.stderr[-3000:]
+  assert "steps 3 -> 5" in extended.stdout
+  assert [
+    r["step"] for r in writers.read_metrics(tmp_path) if "train/loss" in r
+  ] == [1, 2, 3, 4, 5]
+  assert (
+    json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"]
+    == 5
+  )
+  assert (tmp_path / "run_info.json").read_bytes() == run_info
+  history = writers.read_history(tmp_path)
+  assert [row["event"] for row in history] == [
+    "launch",  # the second call
+    "launch",  # the extension; the refused call wrote nothing
+    "config_change",
+  ]
+  assert {k: history[2][k] for k in ("key", "old", "new", "step")} == {
+    "key": "train.num_steps",
+    "old": 3,
+    "new": 5,
+    "step": 3,
+  }
+  assert history[1]["run_info"]["command"][-1] == (
+    "--allow_config_change=train.num_steps"
+  )
+  bad = _cli([*longer, "--config.model.moe.router=nope"], tmp_path)
+  _assert_one_line_error(bad, "unknown router='nope'", "allowed:", "'switch'")
+
+
+def test_command_line_config_mistakes_are_one_line(tmp_path):
+  """A missing config file and a misspelled --config key: exit status 2 and
+  one readable line (ml_collections' own message holds a literal \\n and
+  escaped quotes)."""
+  missing = _cli(
+    [f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"],
+    tmp_path,
+  )
+  _assert_one_line_error(missing, f"--config={tmp_path / 'nope.py'}", "No such")
+  misspelled = _cli(
+    [
+      f"--config={REPO / 'configs' / 'switch_top1.py'}",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.model.moe.routr=switch",
+    ],
+    tmp_path,
+  )
+  _assert_one_line_error(
+    misspelled,
+    "unknown config key 'routr' in --config.model.moe.routr",
+    'did you mean "router"',
+  )
+  assert "\\" not in misspelled.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def _cli_overrides(config) -> list[str]:
+  """The --config.* flags that turn configs/switch_top1.py into `config`."""
+  base = writers.flatten_config(switch_top1.get_config())
+  return [
+    f"--config.{key}={value}"
+    for key, value in writers.flatten_config(config).items()
+    if base[key] != value
+  ]
+
+
+def _event_files_purge_steps(workdir):
+  """The steps of the SessionLog START events in each TensorBoard file."""
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  for path in sorted((workdir / "tensorboard").glob("events.*")):
+    data, offset, starts = path.read_bytes(), 0, []
+    while offset < len(data):  # TFRecord: u64 length, u32 crc, data, crc
+      length = int.from_bytes(data[offset : offset + 8], "little")
+      event = event_pb2.Event.FromString(
+        data[offset + 12 : offset + 12 + length]
+      )
+      if event.HasField("session_log"):
+        starts.append(event.step)
+      offset += 12 + length + 4
+    out.append(starts)
+  return out
+
+
+def test_killed_before_the_first_checkpoint_starts_clean(tmp_path, data_dir):
+  """SIGKILL a run after it logged metrics but before any checkpoint; the
+  next launch says it starts fresh, cuts the metric log back to nothing
+  and TensorBoard's to step 0, and ends with the metric log of a run that
+  was never killed (every value but the timings)."""
+  config = tiny_config(
+    data_dir,
+    num_steps=150,
+    log_every=10,
+    eval_every=150,
+    checkpoint_every=1000,
+  )
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  common = [f"--config={REPO / 'configs' / 'switch_top1.py'}"]
+  common += _cli_overrides(config)
+  done = _cli([*common, f"--workdir={straight}"], tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  process = subprocess.Popen(
+    [sys.executable, "-m", "moe_jax.train", *common, f"--workdir={killed}"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    env=_env(),
     cwd=tmp_path,
   )
-  assert bad.returncode != 0
-  assert "unknown router='nope'" in bad.stderr
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+      path = killed / "metrics.jsonl"
+      if path.exists() and path.read_text().count("\n") >= 2:
+        break
+      time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+  finally:
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  logged = [r["step"] for r in writers.read_metrics(killed)]
+  assert len(logged) >= 2 and max(logged) < 150
+  assert not list((killed / "checkpoints").glob("[0-9]*"))
+
+  rerun = _cli([*common, f"--workdir={killed}"], tmp_path)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "starting fresh at step 0" in rerun.stdout
+  assert f"dropped {len(logged)} metric rows" in rerun.stdout
+
+  def rows(workdir):
+    return [
+      {k: v for k, v in r.items() if "seconds" not in k}
+      for r in writers.read_metrics(workdir)
+    ]
+
+  train_steps = [r["step"] for r in rows(killed) if "train/loss" in r]
+  assert train_steps == list(range(10, 151, 10))  # strictly increasing
+  assert [r["step"] for r in rows(killed)] == [
+    r["step"] for r in rows(straight)
+  ]
+  assert rows(killed) == rows(straight)  # step 150: a train and an eval row
+  # The rerun's event file hides the events of steps >= 1 of the first.
+  assert _event_files_purge_steps(killed)[-1] == [1]
+
+
+def test_a_different_config_is_refused_before_anything_is_written(
+  tmp_path, data_dir
+):
+  """A workdir of num_experts=4 and another launch with 8: ConfigError
+  naming the key and both values; config.json keeps its bytes and no file
+  appears. Naming the key in allow_config_change does not help: it is not
+  one of writers.SAFE_CHANGES."""
+  config = tiny_config(data_dir)
+  writers.write_run_info(tmp_path, config)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  other = tiny_config(data_dir)
+  other.model.moe.num_experts = 8
+  other.train.log_every = 7
+  with pytest.raises(errors.ConfigError) as refused:
+    train.train_and_evaluate(other, str(tmp_path))
+  message = str(refused.value)
+  assert "model.moe.num_experts: 4 in the workdir, 8 now" in message
+  assert "train.log_every: 50 in the workdir, 7 now" in message
+  assert "model.moe.num_experts cannot change within a run" in message
+  assert "\n" not in message
+  with pytest.raises(errors.ConfigError, match="only these can: train.num_"):
+    train.train_and_evaluate(
+      other,
+      str(tmp_path),
+      allow_config_change=["model.moe.num_experts", "train.log_every"],
+    )
+  # A safe key alone, named: accepted up to the check of the unsafe one.
+  with pytest.raises(errors.ConfigError, match="model.moe.num_experts: 4"):
+    train.train_and_evaluate(
+      other, str(tmp_path), allow_config_change="train.log_every"
+    )
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_extending_a_run_recomputes_the_schedule_and_records_it(
+  tmp_path, data_dir
+):
+  """4 steps, then train.num_steps=6 with allow_config_change: the run goes
+  on from its checkpoint at step 4 with the cosine schedule of 6 steps
+  (Loshchilov & Hutter 2017 Eq. 5 after a linear warmup, written out
+  here), and history.jsonl records the change at step 4."""
+  config = tiny_config(
+    data_dir, num_steps=4, log_every=1, eval_every=100, checkpoint_every=2
+  )
+  train.train_and_evaluate(config, str(tmp_path))
+  run_info = (tmp_path / "run_info.json").read_bytes()
+  config.train.num_steps = 6
+  train.train_and_evaluate(
+    config, str(tmp_path), allow_config_change=("train.num_steps",)
+  )
+  rows = [r for r in writers.read_metrics(tmp_path) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  peak, end, warmup = 3e-3, 3e-4, 2  # configs/base.py, tiny.shrink
+
+  def cosine(step, num_steps):  # the learning rate of optimizer step `step`
+    t = (step - warmup) / (num_steps - warmup)
+    return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * t))
+
+  # Row `s` logs the learning rate of its update, that of step s - 1.
+  lrs = [r["train/learning_rate"] for r in rows]
+  np.testing.assert_allclose(lrs[2:4], [cosine(2, 4), cosine(3, 4)], rtol=1e-5)
+  np.testing.assert_allclose(lrs[4:], [cosine(4, 6), cosine(5, 6)], rtol=1e-5)
+  history = writers.read_history(tmp_path)
+  change = [row for row in history if row["event"] == "config_change"]
+  assert [(c["key"], c["old"], c["new"], c["step"]) for c in change] == [
+    ("train.num_steps", 4, 6, 4)
+  ]
+  assert [row["event"] for row in history] == ["launch", "config_change"]
+  assert history[0]["step"] == 4
+  assert (
+    json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"]
+    == 6
+  )
+  assert (tmp_path / "run_info.json").read_bytes() == run_info
+
+
+def test_divergence_names_step_and_terms_and_keeps_a_finite_checkpoint(
+  tmp_path, data_dir
+):
+  """A learning rate of 1e6 makes the loss infinite within a few steps. The
+  run stops at the first non-finite step s (found here by a separate plain
+  loop) with a FloatingPointError naming s and its non-finite terms, logs
+  a "diverged" event, and its newest checkpoint is step s - 1, all finite,
+  although it saves every step and logs the loss only every 4th."""
+  config = tiny_config(
+    data_dir, num_steps=12, log_every=4, eval_every=100, checkpoint_every=1
+  )
+  config.optimizer.learning_rate = 1e6
+  config.optimizer.warmup_steps = 1
+  reference = tiny.train_briefly(config, 12)
+  aux = sorted(k for k in reference[0] if k.startswith("aux/"))
+  assert "aux/load_balancing_loss" in aux
+  names = ["lm_loss", *aux, "grad_norm"]
+  bad = [
+    (step, [n for n in names if not np.isfinite(row[n])])
+    for step, row in enumerate(reference, start=1)
+  ]
+  first, terms = next((s, t) for s, t in bad if t)
+  assert 1 < first <= 12
+
+  with pytest.raises(FloatingPointError) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  error = stopped.value
+  assert isinstance(error, errors.DivergenceError)
+  assert (error.step, error.terms) == (first, terms)
+  # experiments/reproduce.py reads the step with this pattern.
+  assert re.search(r"at step (\d+)", str(error)).group(1) == str(first)
+  for term in terms:
+    assert term in str(error)
+  rows = writers.read_metrics(tmp_path)
+  assert rows[-1] == {"step": first, "event": "diverged", "terms": terms}
+  assert all(r["step"] < first for r in rows[:-1])
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("[0-9]*")]
+  assert max(saved) == first - 1
+  state, _ = _final_params(tmp_path, config)
+  assert int(state.step) == first - 1
+  for leaf in jax_leaves(state):
+    assert np.all(np.isfinite(leaf))
 
 
 def test_every_sown_aux_loss_has_a_weight_or_is_an_error():

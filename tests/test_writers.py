@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from moe_jax import writers
+from moe_jax import errors, writers
 from moe_jax.writers import MetricWriter, read_metrics, write_run_info
 
 
@@ -279,3 +279,105 @@ def test_git_revision_of_a_checkout(tmp_path):
   assert writers.git_revision(str(package))["dirty"] is False
   (package / "a.py").write_text("x = 2\n")
   assert writers.git_revision(str(package))["dirty"] is True
+
+
+def test_truncate_after_zero_starts_a_log_over(tmp_path):
+  """A launch stopped before its first checkpoint: the next one truncates to
+  step 0, so the log holds only what it writes itself; TensorBoard's next
+  file hides the old events from step 1 on."""
+  with MetricWriter(tmp_path) as writer:
+    assert writer.truncate_after(0) == 0  # a fresh workdir: nothing to hide
+    writer.write(50, {"loss": 1.0})
+    writer.write(100, {"loss": 2.0})
+  with MetricWriter(tmp_path) as writer:
+    assert writer.truncate_after(0) == 2
+    writer.write(50, {"loss": 3.0})
+  assert read_metrics(tmp_path) == [{"step": 50, "loss": 3.0}]
+  first, second = _read_events(tmp_path)
+  assert not [e for e in first if e.HasField("session_log")]
+  assert [
+    (e.session_log.status, e.step) for e in second if e.HasField("session_log")
+  ] == [(event_pb2.SessionLog.START, 1)]
+
+
+def test_write_event_is_a_jsonl_row_only(tmp_path):
+  with MetricWriter(tmp_path) as writer:
+    writer.write_event(20, "diverged", terms=["lm_loss", "grad_norm"])
+  assert read_metrics(tmp_path) == [
+    {"step": 20, "event": "diverged", "terms": ["lm_loss", "grad_norm"]}
+  ]
+  assert not (tmp_path / "tensorboard").exists()
+
+
+def test_flatten_config_gives_json_leaves_under_dotted_keys():
+  assert writers.flatten_config(_config()) == {
+    "seed": 3,
+    "data.domains": ["code", "prose"],
+    "data.batch_size": 16,
+    "optimizer.learning_rate": 3e-3,
+    "optimizer.schedule": "cosine",
+    "optimizer.clip": None,
+    "optimizer.gated": False,
+  }
+
+
+def test_check_config_change(tmp_path):
+  """Same config: nothing to record. A changed safe key needs
+  allow_config_change; keys only one side has (moe_jax gained or dropped
+  them) are accepted and returned; an unsafe key in `allow` is refused."""
+  assert writers.check_config_change(tmp_path, _config()) == []  # no run
+  write_run_info(tmp_path, _config())
+  assert writers.check_config_change(tmp_path, _config()) == []
+  longer = _config()
+  longer.train = ml_collections.ConfigDict({"num_steps": 9})  # a new key
+  del longer.optimizer["gated"]
+  longer.data.batch_size = 32
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"data\.batch_size: 16 in the workdir, 32 now\. data\.batch_size "
+    r"cannot change within a run",
+  ):
+    writers.check_config_change(tmp_path, longer)
+  longer.data.batch_size = 16
+  assert writers.check_config_change(tmp_path, longer) == [
+    writers.ConfigChange("optimizer.gated", False, None, removed=True),
+    writers.ConfigChange("train.num_steps", None, 9, added=True),
+  ]
+  with pytest.raises(errors.ConfigError, match="names data.seed, which"):
+    writers.check_config_change(
+      tmp_path, _config(), "train.num_steps,data.seed"
+    )
+  shorter = _config()
+  shorter.optimizer.learning_rate = 1e-3
+  with pytest.raises(
+    errors.ConfigError, match="optimizer.learning_rate: 0.003"
+  ):
+    writers.check_config_change(tmp_path, shorter, ["train.num_steps"])
+
+
+def test_later_launches_append_to_history_and_keep_run_info(tmp_path):
+  first = write_run_info(tmp_path, _config())
+  run_info = (tmp_path / "run_info.json").read_bytes()
+  config_json = (tmp_path / "config.json").read_bytes()
+  again = write_run_info(tmp_path, _config(), step=40)
+  assert (tmp_path / "config.json").read_bytes() == config_json
+  changed = _config()
+  changed.seed = 4
+  change = writers.ConfigChange("seed", 3, 4)
+  write_run_info(tmp_path, changed, step=60, changes=[change])
+  assert (tmp_path / "run_info.json").read_bytes() == run_info
+  assert json.loads((tmp_path / "run_info.json").read_text()) == first
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 4
+  history = writers.read_history(tmp_path)
+  assert [(r["event"], r["step"]) for r in history] == [
+    ("launch", 40),
+    ("launch", 60),
+    ("config_change", 60),
+  ]
+  assert history[0]["run_info"] == again
+  assert {k: history[2][k] for k in ("key", "old", "new")} == {
+    "key": "seed",
+    "old": 3,
+    "new": 4,
+  }
+  assert history[2]["time"].endswith("+00:00")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moe_jax import routing
+from moe_jax import errors, routing
 from moe_jax.layers import (
   ACTIVATIONS,
   DTYPES,
@@ -117,6 +117,10 @@ class TransformerConfig:
   dense_moe_dim: int = 512
 
   def __post_init__(self):
+    with errors.config_errors():
+      self._validate()
+
+  def _validate(self):
     for name in ("vocab_size", "max_len", "d_model", "num_layers", "mlp_dim"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
@@ -135,7 +139,13 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int):
     """From a run config: `config.model`, `config.loss`, `config.data` and
-    `config.mesh.expert_parallel` (when the config has a mesh)."""
+    `config.mesh.expert_parallel` (when the config has a mesh). Raises
+    `errors.ConfigError` (a ValueError) on a bad value."""
+    with errors.config_errors():
+      return cls._from_config(config, vocab_size)
+
+  @classmethod
+  def _from_config(cls, config: ml_collections.ConfigDict, vocab_size: int):
     m, moe = config.model, config.model.moe
     mesh = config.get("mesh")
     parallel = {} if mesh is None else {"expert_parallel": mesh.expert_parallel}
