@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import reproduction, writers
+from moe_jax import errors, reproduction, writers
 from moe_jax.reproduction import Suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,8 +185,9 @@ def print_costs(suite: str, costs: list[tuple]) -> float:
 # Running.
 
 
-def run_job(module, job: Job) -> dict:
-  """Trains (or resumes) one job; returns its record for results.json."""
+def run_job(module, job: Job) -> dict | None:
+  """Trains (or resumes) one job; returns its record for results.json, or
+  None when the trainer refuses the workdir (it holds another config)."""
   from moe_jax import evaluate, train
 
   config = module.get_config(job.arg)
@@ -209,6 +210,9 @@ def run_job(module, job: Job) -> dict:
     record["status"] = "diverged"
     record["diverged_step"] = int(step.group(1)) if step else None
     record["error"] = str(e)
+  except errors.ConfigError as e:  # the workdir holds another config
+    print(f"[{job.arm.name} seed {job.seed}] skipped: {e}")
+    return None
   record["seconds"] = time.time() - start
   summary = reproduction.summarize_run(str(job.workdir))
   summary["stable"] = float(record["status"] == "finished")
@@ -288,6 +292,8 @@ def run_suite(name: str, args) -> dict:
         continue
       print(f"[{name}] {job.arm.name} seed {job.seed}: {job.config_path}")
       record = run_job(module, job)
+      if record is None:  # left unrecorded: a later sweep tries it again
+        continue
       record["commit"] = git_commit()
       results["runs"].append(record)
       results["command"] = " ".join(

@@ -346,6 +346,25 @@ def test_a_diverged_run_is_a_result(tmp_path, monkeypatch):
   assert "eval_loss" not in record["summary"]
 
 
+def test_a_workdir_of_another_config_is_skipped_not_recorded(
+  tmp_path, monkeypatch, capsys
+):
+  """The trainer refusing a workdir (its config.json differs from the arm's)
+  leaves the job unrecorded, so the sweep goes on and a later one retries."""
+  from moe_jax import errors, train
+
+  def refuse(config, workdir):
+    raise errors.ConfigError("train.num_steps: 400 in the workdir, 600 now")
+
+  monkeypatch.setattr(train, "train_and_evaluate", refuse)
+  module = reproduce.load_suite("st_moe_zloss")
+  arm = module.SUITE.arms_at("smoke")[0]
+  job = reproduce.Job(arm, 0, f"{arm.args},scale=smoke,seed=0", "c", tmp_path)
+  assert reproduce.run_job(module, job) is None
+  out = capsys.readouterr().out
+  assert "skipped: train.num_steps: 400 in the workdir" in out
+
+
 @pytest.mark.parametrize("name", SUITES)
 def test_gpu_scale_arm_trains_one_step_at_reduced_size(name, tmp_path):
   """The gpu-scale config of each suite's first arm (bf16 activations,
