@@ -160,5 +160,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 250
   config.train.checkpoint_every = 500
   config.train.max_checkpoints_to_keep = 2
+  # Steps whose checkpoints are also saved (whatever checkpoint_every says)
+  # and never cleaned up, e.g. (100, 500) to see when routing settles
+  # (`python -m moe_jax.analysis`); each in 1 .. num_steps.
+  config.train.keep_checkpoint_steps = ()
   config.train.progress_bar = True
   return config

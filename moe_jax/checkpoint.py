@@ -28,7 +28,7 @@ arrays.
 Typical use in a trainer:
 
   ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=2,
-                      save_interval_steps=500)
+                      save_interval_steps=500, keep_steps=(100, 200))
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(abstract_state)  # ShapeDtypeStructs
   for step in ...:
@@ -39,6 +39,7 @@ Typical use in a trainer:
 """
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,15 +50,25 @@ class Checkpointer:
   """Saves and restores (state, data_state) pairs in one directory."""
 
   def __init__(
-    self, directory: str, *, max_to_keep: int, save_interval_steps: int
+    self,
+    directory: str,
+    *,
+    max_to_keep: int,
+    save_interval_steps: int,
+    keep_steps: Sequence[int] = (),
   ):
     """Opens (or creates) a checkpoint directory.
 
     Args:
       directory: where step directories go. Relative paths are made absolute
         (orbax's tensorstore writer rejects relative ones).
-      max_to_keep: how many of the most recent checkpoints to keep.
-      save_interval_steps: `save` only writes steps that are a multiple of it.
+      max_to_keep: how many of the most recent checkpoints to keep, besides
+        those of `keep_steps`.
+      save_interval_steps: `save` only writes steps that are a multiple of it
+        or one of `keep_steps`.
+      keep_steps: steps whose checkpoints are saved whatever the interval and
+        never deleted by the max_to_keep cleanup (e.g. to compare routing at
+        several points of a run).
     """
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep} must be at least 1.")
@@ -67,8 +78,23 @@ class Checkpointer:
       )
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_interval_steps = save_interval_steps
+    self.keep_steps = frozenset(int(step) for step in keep_steps)
+    if any(step < 0 for step in self.keep_steps):
+      raise ValueError(
+        f"keep_steps={sorted(self.keep_steps)} must hold steps >= 0."
+      )
+    # The latest max_to_keep checkpoints survive cleanup, and so does any
+    # of keep_steps (orbax's preservation policies; the older max_to_keep
+    # option would delete those too).
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, cleanup_tmp_directories=True
+      preservation_policy=policies.AnyPreservationPolicy(
+        [
+          policies.LatestN(max_to_keep),
+          policies.CustomSteps(sorted(self.keep_steps)),
+        ]
+      ),
+      cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(
       self.directory,
@@ -91,7 +117,8 @@ class Checkpointer:
     """Whether `save(step, ..., force=force)` would write a checkpoint: a
     trainer asks first, to check the state before it is saved."""
     if not force and step % self.save_interval_steps:
-      return False
+      if step not in self.keep_steps:
+        return False
     return step not in self._manager.all_steps()
 
   def step_path(self, step: int) -> str:
@@ -107,7 +134,8 @@ class Checkpointer:
       step: the training step the state belongs to.
       state: a pytree of jax/numpy arrays (and python scalars).
       data_state: the input pipeline's position; must be JSON serialisable.
-      force: save even when `step` is not a multiple of save_interval_steps.
+      force: save even when `step` is not a multiple of save_interval_steps
+        (a step of keep_steps is saved without it).
 
     Returns:
       Whether a save was started. False when the interval says no, or when

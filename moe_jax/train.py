@@ -20,11 +20,11 @@ the test named; see also the README's "Guarantees"):
   values (test_a_different_config_is_refused_before_anything_is_written).
   `--allow_config_change=KEY,...` lets a launch change keys of
   `writers.SAFE_CHANGES` (train.num_steps, the logging / evaluation /
-  checkpoint intervals, the mesh); a longer train.num_steps recomputes the
-  learning-rate schedule for the new length from the step it takes effect
-  on. Each launch after the first and each change is appended to
-  <workdir>/history.jsonl; run_info.json stays the first launch's
-  (test_extending_a_run_recomputes_the_schedule_and_records_it).
+  checkpoint intervals and kept checkpoint steps, the mesh); a longer
+  train.num_steps recomputes the learning-rate schedule for the new length
+  from the step it takes effect on. Each launch after the first and each
+  change is appended to <workdir>/history.jsonl; run_info.json stays the
+  first launch's (test_extending_a_run_recomputes_the_schedule_and_records_it).
 * Divergence. A non-finite loss term (lm_loss, an aux/<name> loss, the
   gradient norm) or train state stops the run with `errors.DivergenceError`
   (a FloatingPointError: "training diverged at step N: non-finite ..."), a
@@ -39,7 +39,9 @@ the test named; see also the README's "Guarantees"):
 
 The workdir receives config.json, run_info.json (git revision, versions),
 history.jsonl (later launches), metrics.jsonl, TensorBoard events,
-checkpoints/ and summary.png.
+checkpoints/ (every train.checkpoint_every steps and the last one; the
+newest train.max_checkpoints_to_keep of them and those of
+train.keep_checkpoint_steps stay) and summary.png.
 
 On several devices, `--config.mesh.shape=(data,expert,model)` shards the run
 (`moe_jax.sharding`); with `--distributed` (and on one machine
@@ -327,7 +329,9 @@ def _open_data(config):
 
 
 def check_train_config(train_config: ml_collections.ConfigDict):
-  """Raises ConfigError unless the loop's counts of config.train are >= 1."""
+  """Raises ConfigError unless the loop's counts of config.train are >= 1
+  and each of train.keep_checkpoint_steps is a step of the run (1 ..
+  num_steps)."""
   for key in (
     "num_steps",
     "log_every",
@@ -340,6 +344,16 @@ def check_train_config(train_config: ml_collections.ConfigDict):
       raise errors.ConfigError(
         f"train.{key}={value!r} must be an integer >= 1."
       )
+  keep = train_config.get("keep_checkpoint_steps", ())
+  num_steps = train_config.num_steps
+  if not isinstance(keep, (tuple, list)) or not all(
+    isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= num_steps
+    for s in keep
+  ):
+    raise errors.ConfigError(
+      f"train.keep_checkpoint_steps={keep!r} must be a tuple of integer "
+      f"steps in 1 .. train.num_steps={num_steps}."
+    )
 
 
 def train_and_evaluate(
@@ -395,6 +409,7 @@ def train_and_evaluate(
     f"{workdir}/checkpoints",
     max_to_keep=config.train.max_checkpoints_to_keep,
     save_interval_steps=config.train.checkpoint_every,
+    keep_steps=config.train.get("keep_checkpoint_steps", ()),
   )
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state)

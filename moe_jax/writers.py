@@ -256,6 +256,7 @@ SAFE_CHANGES = (
   "train.log_every",
   "train.checkpoint_every",
   "train.max_checkpoints_to_keep",
+  "train.keep_checkpoint_steps",
   "train.progress_bar",
   "mesh.shape",
   "mesh.expert_parallel",

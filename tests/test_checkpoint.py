@@ -147,6 +147,33 @@ def test_max_to_keep_and_restore_of_a_given_step(tmp_path):
   assert older_data == {"pos": 2}
 
 
+def test_keep_steps_are_saved_off_the_interval_and_survive_cleanup(tmp_path):
+  # Interval 3, max_to_keep 1, keep steps 2 and 5: steps 2, 3, 5, 6 are
+  # written; cleanup leaves the newest (6) and the kept 2 and 5 (3 goes).
+  with Checkpointer(
+    tmp_path, max_to_keep=1, save_interval_steps=3, keep_steps=(5, 2)
+  ) as ckpt:
+    saved = [
+      step
+      for step in range(1, 7)
+      if ckpt.save(step, {"x": jnp.full((2,), step, jnp.float32)}, {})
+    ]
+    ckpt.wait_until_finished()
+    assert saved == [2, 3, 5, 6]
+    assert ckpt.all_steps() == [2, 5, 6]
+    kept, _ = ckpt.restore({"x": jnp.zeros((2,), jnp.float32)}, step=2)
+  np.testing.assert_array_equal(kept["x"], [2.0, 2.0])
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == [
+    "2",
+    "5",
+    "6",
+  ]
+  with pytest.raises(ValueError, match=r"keep_steps=\[-1\]"):
+    Checkpointer(
+      tmp_path, max_to_keep=1, save_interval_steps=1, keep_steps=[-1]
+    )
+
+
 def test_restore_with_nothing_saved_names_the_directory(tmp_path):
   directory = tmp_path / "empty"
   with Checkpointer(directory, max_to_keep=1, save_interval_steps=1) as ckpt:

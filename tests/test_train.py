@@ -372,6 +372,42 @@ def test_killed_before_the_first_checkpoint_starts_clean(tmp_path, data_dir):
   assert _event_files_purge_steps(killed)[-1] == [1]
 
 
+def test_keep_checkpoint_steps_survive_max_to_keep(tmp_path, data_dir):
+  """max_to_keep 1, checkpoints every 4 of 6 steps, kept steps 2 and 5:
+  the run ends with checkpoints 2, 5 (saved off the interval) and 6 (the
+  last); step 4 is cleaned up. Changing the kept steps is a safe change:
+  an extension to 8 steps keeping 7 ends with 2, 5, 7, 8."""
+  config = tiny_config(
+    data_dir,
+    num_steps=6,
+    log_every=3,
+    eval_every=100,
+    checkpoint_every=4,
+    max_checkpoints_to_keep=1,
+    keep_checkpoint_steps=(2, 5),
+  )
+  train.train_and_evaluate(config, str(tmp_path))
+
+  def saved():
+    return sorted(
+      int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()
+    )
+
+  assert saved() == [2, 5, 6]
+  config.train.num_steps = 8
+  config.train.keep_checkpoint_steps = (2, 5, 7)
+  train.train_and_evaluate(
+    config,
+    str(tmp_path),
+    allow_config_change="train.num_steps,train.keep_checkpoint_steps",
+  )
+  assert saved() == [2, 5, 7, 8]
+  for bad in ((0,), (9,), (True,), (2.0,)):
+    config.train.keep_checkpoint_steps = bad
+    with pytest.raises(errors.ConfigError, match="keep_checkpoint_steps="):
+      train.check_train_config(config.train)
+
+
 def test_a_different_config_is_refused_before_anything_is_written(
   tmp_path, data_dir
 ):

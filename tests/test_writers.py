@@ -343,6 +343,8 @@ def test_check_config_change(tmp_path):
     writers.ConfigChange("optimizer.gated", False, None, removed=True),
     writers.ConfigChange("train.num_steps", None, 9, added=True),
   ]
+  # Which checkpoints stay changes no number of the run: a safe change.
+  assert "train.keep_checkpoint_steps" in writers.SAFE_CHANGES
   with pytest.raises(errors.ConfigError, match="names data.seed, which"):
     writers.check_config_change(
       tmp_path, _config(), "train.num_steps,data.seed"
