@@ -5,14 +5,19 @@ Expected values are hand arithmetic, written out in the comments; nothing
 here calls the code under test to produce an expected value.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import analysis
+from moe_jax import analysis, data, errors, train
 from moe_jax.layers import MoeConfig
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -354,3 +359,238 @@ def test_routing_decisions_of_a_tiny_model():
       assert float(metrics[f"drop_fraction_rank_{k + 1}"][0]) == (
         pytest.approx(dropped)
       )
+
+
+# ---------------------------------------------------------------------------
+# Token categories.
+
+
+def test_token_categories_of_hand_picked_bytes():
+  # Ids are byte + 3 (moe_jax.data.tokenizer); 1 = BOS, 0 = PAD.
+  prose = [1, *(b + 3 for b in b"a7 ,"), 0xC3 + 3, 0]
+  code = [*(b + 3 for b in b"def x1(1e5)"), 2]
+  inputs_BL = np.array([prose + [0] * (len(code) - len(prose)), code])
+  domain_B = np.array([data.DOMAINS.index("prose"), data.DOMAINS.index("code")])
+  names = [
+    [analysis.CATEGORIES[i] for i in row]
+    for row in analysis.token_categories(inputs_BL, domain_B)
+  ]
+  assert names[0][:7] == [
+    "special",  # BOS
+    "letter",  # a
+    "digit",  # 7
+    "whitespace",
+    "punctuation",  # ,
+    "non_ascii",  # 0xC3
+    "special",  # PAD
+  ]
+  # In code: "def" is a keyword, "x1" an identifier (its digit too), "1e5"
+  # is no word (it starts with a digit), so 1, e, 5 keep their byte class.
+  assert names[1] == [
+    *["keyword"] * 3,
+    "whitespace",
+    *["identifier"] * 2,
+    "punctuation",
+    "digit",
+    "letter",
+    "digit",
+    "punctuation",
+    "special",  # EOS
+  ]
+  # Without domains, no byte is a keyword or an identifier.
+  plain = analysis.token_categories(inputs_BL)
+  assert [analysis.CATEGORIES[i] for i in plain[1][:3]] == ["letter"] * 3
+
+
+# ---------------------------------------------------------------------------
+# The summary's wording follows its thresholds.
+
+
+def _test(observed, chance_mean, chance_std=0.001, p_value=0.01):
+  return {
+    "observed": observed,
+    "chance_mean": chance_mean,
+    "chance_std": chance_std,
+    "p_value": p_value,
+  }
+
+
+def test_summary_words_follow_the_thresholds():
+  layer = {
+    "token_id": {
+      "purity": _test(0.82, 0.41),
+      "mutual_information": _test(0.30, 0.05),
+    },
+    # Excess 0.048 - 0.002 = 0.046 nats < 0.25 / 2: token identity wins.
+    "expert_by_domain": {
+      "labels": ["code", "prose"],
+      # P(e0) = 100/200 = 0.5; P(e0 | code) = 90/100 = 0.9: lift 1.8,
+      # P(e1 | prose) = 90/100 = 0.9, P(e1) = 0.5: lift 1.8 too, so a mild
+      # preference (1.25 <= 1.8 < 2).
+      "counts": [[90, 10], [10, 90]],
+      "mutual_information": _test(0.048, 0.002),
+    },
+    "expert_by_category": {
+      "labels": ["letter", "digit"],
+      "counts": [[100, 100], [5, 5]],
+      "mutual_information": _test(0.0, 0.003, p_value=1.0),
+    },
+    # Tokens 10 per position; first quarter (positions 0, 1) drops 0,
+    # last quarter (6, 7) drops 0.2: late tokens dropped more.
+    "position": {
+      "tokens": [10] * 8,
+      "drop_rate_first_choice": [0, 0, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2],
+    },
+    "agreement": [
+      {"step": 10, "agreement": 0.5, "chance": 0.3},
+      {"step": 20, "agreement": 0.95, "chance": 0.3},
+      {"step": 30, "agreement": 0.92, "chance": 0.3},
+    ],
+  }
+  result = {"num_permutations": 100, "step": 40, "layers": {"layer_01": layer}}
+  lines = analysis.summarize(result)
+  assert lines[0].startswith(
+    "layer_01: routing follows token identity (purity 0.82 vs chance 0.41"
+  )
+  assert "more than domain (I = 0.0480 nats vs chance 0.0020)" in lines[0]
+  assert (
+    "expert 0 mildly prefers code: it takes 90% of the code tokens"
+    in (lines[1])
+  )
+  assert "does not depend on the token category" in lines[2]
+  assert "late tokens are dropped more" in lines[3]
+  assert (
+    "0.000 in the first quarter of positions, 0.200 in the last" in (lines[3])
+  )
+  assert "settled by step 20 of 40" in lines[4]
+  # Below 3 chance standard deviations the domain is "at chance".
+  layer["expert_by_domain"]["mutual_information"] = _test(0.003, 0.002)
+  assert (
+    "the domain (I = 0.0030 nats vs chance 0.0020) is at chance"
+    in (analysis.summarize(result)[0])
+  )
+
+
+# ---------------------------------------------------------------------------
+# analyze_run and `python -m moe_jax.analysis` on a tiny trained run.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """configs/switch_top1.py shrunk (tests/tiny.py; one MoE layer, layer_01),
+  12 steps, checkpoints kept at 4 and 8 and the last, 12. The code cap of
+  4 MB puts code and prose into the validation split."""
+  sys.path.insert(0, str(REPO / "configs"))
+  import switch_top1
+  import tiny
+
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny.shrink(
+    switch_top1.get_config(),
+    tmp_path_factory.mktemp("tfds"),
+    num_steps=12,
+    log_every=6,
+    eval_every=100,
+    checkpoint_every=12,
+    max_checkpoints_to_keep=1,
+    keep_checkpoint_steps=(4, 8),
+  )
+  config.data.max_code_bytes = 4_000_000
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, config
+
+
+def _cli(*args):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join(
+      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    ),
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "moe_jax.analysis", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+  )
+
+
+def test_command_line_writes_the_report(tiny_run):
+  workdir, config = tiny_run
+  done = _cli(f"--workdir={workdir}", "--num_permutations=20")
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = workdir / "analysis"
+  result = json.loads((out / "analysis.json").read_text())
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+    ["analysis.json", "report.md"] + [f"{n}.png" for n in analysis.PLOTS]
+  )
+  assert result["step"] == 12 and result["kept_steps"] == [4, 8, 12]
+  # Independent counts from the same validation batches.
+  batches = data.create_eval_batches(config.data)
+  mask_BL = np.concatenate([b["mask"] for b in batches]) > 0
+  inputs_BL = np.concatenate([b["inputs"] for b in batches])
+  domain_B = np.concatenate([b["domain"] for b in batches])
+  assert result["num_real_tokens"] == mask_BL.sum()
+  (layer,) = result["layers"].values()  # switch_top1 tiny: layer_01 only
+  table = layer["expert_by_domain"]
+  counts_RE = np.array(table["counts"], np.float64)
+  assert table["labels"] == ["code", "prose"]
+  assert counts_RE.shape == (2, 4)
+  for label, row in zip(table["labels"], counts_RE):
+    real = mask_BL[domain_B == data.DOMAINS.index(label)].sum()
+    assert row.sum() == real > 0
+  # I(domain; expert) from the table by the formula, in float64.
+  p_RE = counts_RE / counts_RE.sum()
+  p_R, p_E = p_RE.sum(1), p_RE.sum(0)
+  mi = sum(
+    p_RE[r, e] * math.log(p_RE[r, e] / (p_R[r] * p_E[e]))
+    for r in range(2)
+    for e in range(4)
+    if p_RE[r, e] > 0
+  )
+  assert table["mutual_information"]["observed"] == pytest.approx(mi)
+  categories = layer["expert_by_category"]
+  whitespace = np.isin(inputs_BL - 3, list(b" \t\n\r\x0b\x0c")) & mask_BL
+  row = categories["labels"].index("whitespace")
+  assert sum(categories["counts"][row]) == whitespace.sum()
+  assert sum(map(sum, categories["counts"])) == mask_BL.sum()
+  for test in (
+    table["mutual_information"],
+    categories["mutual_information"],
+    *layer["token_id"].values(),
+  ):
+    assert 0 <= test["chance_mean"] and 0 < test["p_value"] <= 1
+    assert math.isfinite(test["observed"])
+  assert 0 < layer["token_id"]["purity"]["observed"] <= 1
+  position = layer["position"]
+  assert position["tokens"] == mask_BL.sum(0).tolist()
+  assert [sum(row) for row in position["load_counts"]] == position["tokens"]
+  assert all(0 <= v <= 1 for v in position["drop_rate_first_choice"])
+  assert [r["step"] for r in layer["agreement"]] == [4, 8]
+  assert all(0 <= r["chance"] <= 1 for r in layer["agreement"])
+  assert all(0 <= r["agreement"] <= 1 for r in layer["agreement"])
+  # The words carry the numbers and the summary is printed and reported.
+  assert len(result["summary"]) == 5
+  assert "vs chance" in result["summary"][0]
+  report = (out / "report.md").read_text()
+  assert all(line in report for line in result["summary"])
+  assert result["summary"][0] in done.stdout
+
+
+def test_bad_input_is_one_line_or_a_config_error(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  done = _cli(f"--workdir={tmp_path / 'nope'}")
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+    f"error: --workdir={tmp_path / 'nope'} is not a directory."
+  ]
+  with pytest.raises(errors.ConfigError, match=r"saved steps are \[4, 8, 12\]"):
+    analysis.analyze_run(workdir, step=5)
+  (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+  with pytest.raises(errors.ConfigError, match="holds no checkpoint"):
+    analysis.analyze_run(tmp_path)
+  with pytest.raises(errors.ConfigError, match="num_permutations=0"):
+    analysis.analyze_run(workdir, num_permutations=0)
