@@ -1082,6 +1082,7 @@ def plot_position(result: dict):
       ylabel="expert",
       title=f"{layer}: P(expert | position)",
     )
+    axes[1, j].set_yticks(range(load_LE.shape[1]))
   fig.colorbar(image, ax=list(axes[1]), label="share of first choices")
   return fig
 

@@ -58,6 +58,8 @@ def test_every_notebook_has_a_source_and_an_ipynb():
     "02_inspect_a_run",
     "03_capacity_and_drop_priority",
     "04_balancing_ablations",
+    "05_are_experts_specialists",
+    "06_cost_of_published_models",
   } <= names
 
 
@@ -342,3 +344,103 @@ def test_balancing_ablations(tmp_path):
       f"{row['claim']['id']} {row['verdict']}" for row in results["claims"]
     )
     assert f"{name}: {len(results['runs'])} runs; {verdicts}" in text
+
+
+# ---------------------------------------------------------------------------
+# 05_are_experts_specialists and 06_cost_of_published_models.
+
+
+def _chance_lines(text: str, name: str) -> list[tuple[str, float, float]]:
+  """(layer, observed, chance) of the lines "<layer>: <name> = x, chance y
+  +- s (p = p)"."""
+  pattern = (
+    rf"^(layer_\d\d): {re.escape(name)} = {_NUMBER}, chance {_NUMBER} "
+    rf"\+- {_NUMBER} \(p = {_NUMBER}\)$"
+  )
+  return [
+    (layer, float(observed), float(chance))
+    for layer, observed, chance, _, _ in re.findall(pattern, text, re.M)
+  ]
+
+
+def test_are_experts_specialists(tmp_path):
+  text = _execute(
+    NOTEBOOKS / "05_are_experts_specialists.py",
+    tmp_path,
+    {
+      "WORKDIR": str(tmp_path / "run"),
+      "NUM_STEPS": 20,
+      "DATA_DIR": str(tmp_path / "tfds"),
+      "NUM_PERMUTATIONS": 10,
+    },
+  )
+  assert (tmp_path / "run" / "analysis" / "report.md").stat().st_size > 0
+  # 20 steps keep checkpoints 1, 2, 5, 10 (5, 10, 25, 50 %) and 20.
+  assert "kept checkpoints [1, 2, 5, 10, 20]" in text
+  # switch_top1 has MoE layers in blocks 1 and 3; every measure is printed
+  # with its chance level, per layer.
+  for name, upper in (
+    ("I(domain; expert)", math.log(2)),
+    ("I(category; expert)", math.log(8)),
+    ("token-id purity", 1.0),
+    ("I(token; expert)", math.log(8)),
+  ):
+    lines = _chance_lines(text, name)
+    assert [layer for layer, _, _ in lines] == ["layer_01", "layer_03"], name
+    for _, observed, chance in lines:
+      assert 0 <= observed <= upper + 1e-9 and 0 <= chance <= upper + 1e-9
+  agreement = re.findall(
+    r"^layer_01: step (\d+) agrees with step 20 on "
+    + _NUMBER
+    + " of the tokens, chance "
+    + _NUMBER,
+    text,
+    re.M,
+  )
+  assert [int(step) for step, _, _ in agreement] == [1, 2, 5, 10]
+  for _, agree, chance in agreement:
+    assert 0 <= float(agree) <= 1 and 0 < float(chance) <= 1
+  assert re.search(r"^layer_03: routing .*vs chance", text, re.M)
+
+
+def test_cost_of_published_models(tmp_path):
+  text = _execute(NOTEBOOKS / "06_cost_of_published_models.py", tmp_path)
+
+  def sizes(name):
+    found = re.search(
+      rf"^{name}: total ([0-9,.]+)B \(published ([0-9,.]+)B, ratio "
+      rf"{_NUMBER}\), active ([0-9,.]+)B",
+      text,
+      re.M,
+    )
+    assert found, name
+    return [float(found.group(i).replace(",", "")) for i in (1, 2, 4)]
+
+  # Mixtral 8x7B: 46.7B total, 12.9B active (Mistral AI's release).
+  total, published, active = sizes("mixtral_8x7b")
+  assert published == 46.7
+  assert total == pytest.approx(46.7, rel=0.01)
+  assert active == pytest.approx(12.9, rel=0.01)
+  # DeepSeek-V3: 671B total (abstract); Switch-C: 1571B (Switch Table 9).
+  assert sizes("deepseek_v3")[0] == pytest.approx(671, rel=0.01)
+  assert sizes("switch_c")[0] == pytest.approx(1571, rel=0.01)
+  # Adam in mixed precision: 16 bytes per parameter, 46.7B x 16 = 747 GB.
+  memory = re.search(
+    r"^mixtral_8x7b: .* = ([0-9,]+) GB \((\d+) bytes", text, re.M
+  )
+  assert int(memory.group(2)) == 16
+  assert float(memory.group(1).replace(",", "")) == pytest.approx(
+    46.7 * 16, rel=0.01
+  )
+  # Training FLOPs >= 6 x active parameters per token (attention on top).
+  flops = re.search(
+    r"^mixtral_8x7b: ([0-9,]+) GFLOP per training token", text, re.M
+  )
+  assert float(flops.group(1).replace(",", "")) >= 6 * 12.9 * 0.99
+  # All-to-all: T K D b x 2 x 2 x n_moe x (ep - 1) / ep =
+  # 2**20 x 2 x 4096 x 2 x 4 x 32 x 7/8 bytes = 1924 GB for Mixtral.
+  moved = re.search(
+    r"^mixtral_8x7b: ([0-9,]+) GB leave their device", text, re.M
+  )
+  want = 2**20 * 2 * 4096 * 2 * 4 * 32 * 7 / 8 / 1e9
+  assert float(moved.group(1).replace(",", "")) == pytest.approx(want, abs=1)
