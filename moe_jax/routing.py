@@ -140,9 +140,13 @@ def top_k_indices(x_GSE: jax.Array, k: int) -> jax.Array:
   8) the passes cost about as much as top_k.
   """
   E = x_GSE.shape[-1]
-  taken_GSE = jnp.zeros(x_GSE.shape, bool)
-  index_K_GS = []
-  for _ in range(k):
+  # The first pass has nothing taken: a constant all-False `taken` there
+  # made XLA constant-fold argmax(~taken) over the whole [G, S, E] at
+  # compile time (seconds at eval size, a slow_operation_alarm).
+  index_GS = jnp.argmax(x_GSE, axis=-1)
+  index_K_GS = [index_GS]
+  taken_GSE = jnp.arange(E) == index_GS[..., None]
+  for _ in range(k - 1):
     index_GS = jnp.argmax(jnp.where(taken_GSE, -jnp.inf, x_GSE), axis=-1)
     # Only when every free entry is -inf can argmax land on a taken one.
     first_free_GS = jnp.argmax(~taken_GSE, axis=-1)

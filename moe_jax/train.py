@@ -15,6 +15,15 @@ the test named; see also the README's "Guarantees"):
   "starts fresh": the rows a stopped launch logged are dropped and
   TensorBoard hides its events (test_killed_before_the_first_checkpoint_
   starts_clean).
+* Damaged checkpoints. The newest checkpoint that passes orbax's commit
+  marker, a readable restore and its saved fingerprint is restored; each
+  newer bad one is named on one stderr line ("warning: skipped the bad
+  checkpoint <path> (moved to <path>.corrupt): <why>") and moved aside,
+  never deleted; a killed write's tmp directory is removed with a warning.
+  With no good checkpoint, `checkpoint.NoGoodCheckpointError` names the
+  directory and the ways out (test_a_bad_latest_checkpoint_resumes_from_
+  the_previous_good_one, test_sigkill_at_drawn_steps_and_during_a_write_
+  resumes_exactly).
 * One config. A launch whose config differs from <workdir>/config.json is
   refused before anything is written or compiled, naming each key with both
   values (test_a_different_config_is_refused_before_anything_is_written).
@@ -33,9 +42,15 @@ the test named; see also the README's "Guarantees"):
   evaluate) read their own loss before saving (test_divergence_names_step_
   and_terms_and_keeps_a_finite_checkpoint).
 * Errors. A configuration mistake (`errors.ConfigError`: a bad value, an
-  unknown key, a config file that does not load, a refused workdir) is one
-  line on stderr, `error: <message>`, and exit status 2; other exceptions
-  keep their traceback (test_command_line_config_mistakes_are_one_line).
+  unknown key, a config file that does not load, a refused workdir, a
+  workdir that is a file or not writable, a TFDS dataset that is not
+  prepared) is one line on stderr, `error: <message>`, and exit status 2;
+  other exceptions keep their traceback (test_command_line_config_mistakes_
+  are_one_line).
+
+The progress bar counts steps whose metrics were read back and leaves
+evaluation and checkpoint time out of its rate; the final summary prints
+the train-only tokens/s (`reproduction.train_tokens_per_second`).
 
 The workdir receives config.json, run_info.json (git revision, versions),
 history.jsonl (later launches), metrics.jsonl, TensorBoard events,
@@ -68,7 +83,15 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from moe_jax import data, errors, metrics, plotting, sharding, writers
+from moe_jax import (
+  data,
+  errors,
+  metrics,
+  plotting,
+  reproduction,
+  sharding,
+  writers,
+)
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -388,9 +411,13 @@ def train_and_evaluate(
     model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
   changes = writers.check_config_change(workdir, config, allow_config_change)
+  writers.check_workdir(workdir)
 
   # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
-  train_iter, eval_batches = _open_data(config)
+  # The data's mistakes (a TFDS dataset that is not prepared, a split that
+  # holds no windows...) are the config's: ConfigError names the path.
+  with errors.config_errors():
+    train_iter, eval_batches = _open_data(config)
   model = TransformerLM(model_config)
   state = init_state(config, model, tx, eval_batches[0], layout)
   step_fn = layout.jit_train_step(
@@ -411,8 +438,19 @@ def train_and_evaluate(
     save_interval_steps=config.train.checkpoint_every,
     keep_steps=config.train.get("keep_checkpoint_steps", ()),
   )
+  for path in ckpt.unfinished_writes:
+    _warn(
+      f"removed {path}: an unfinished checkpoint write (a launch was "
+      "stopped while saving)"
+    )
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
+    state, data_state, _, bad = ckpt.restore_newest_good(state)
+    for b in bad:
+      where = f"moved to {b.moved_to}" if b.moved_to else "left in place"
+      _warn(
+        f"skipped the bad checkpoint {b.path} ({where}): {b.reason}",
+        limit=600,
+      )
     train_iter.set_state(data_state)
   start = int(state.step)
   if start > num_steps:
@@ -437,7 +475,8 @@ def train_and_evaluate(
     print(f"dropped {dropped} metric rows of steps > {start} (logged again)")
   for change in changes:
     print(f"config change from step {start}: {_describe(change)}")
-  baseline = data.unigram_baseline(config.data)
+  with errors.config_errors():
+    baseline = data.unigram_baseline(config.data)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(
     f"parameters: {n_params:,}; steps {start} -> {num_steps}; "
@@ -450,15 +489,21 @@ def train_and_evaluate(
   # diverged state is never evaluated or saved. On any exit (a crash,
   # Ctrl-C) the checkpoint in flight is finished.
   pending, last_eval, tick = None, {}, time.perf_counter()
+  # The bar counts steps whose metrics were read back, i.e. finished on the
+  # device, not steps dispatched (the host runs up to log_every steps
+  # ahead). It redraws at each update (mininterval=0), so that `unpause`
+  # after an evaluation or a save drops exactly their time from its rate:
+  # the ETA is that of the training steps alone.
   bar = tqdm.tqdm(
-    range(start, num_steps),
     initial=start,
     total=num_steps,
     disable=not (config.train.progress_bar and main_process),
     desc="train",
+    mininterval=0,
+    miniters=1,
   )
   try:
-    for step in bar:
+    for step in range(start, num_steps):
       state, logged = step_fn(state, layout.put_batch(next(train_iter)))
       if pending is not None:
         _report(writer, bar, ckpt, *pending)
@@ -475,6 +520,7 @@ def train_and_evaluate(
           pending = None
         else:
           _check_finite(writer, ckpt, done, _host_metrics("train", logged))
+          bar.update(done - bar.n)
       if saving:
         _check_state_finite(writer, ckpt, done, state)
       if evaluating:
@@ -485,6 +531,8 @@ def train_and_evaluate(
         writer.write(done, last_eval)
       if saving:
         ckpt.save(done, state, train_iter.get_state(), force=True)
+      if evaluating or saving:
+        bar.unpause()
     if pending is not None:
       _report(writer, bar, ckpt, *pending)
   finally:
@@ -494,8 +542,21 @@ def train_and_evaluate(
 
   # ---- Final summary.
   if main_process:
-    _print_summary(last_eval, baseline, plotting.plot_run(workdir))
+    tokens_per_second = reproduction.train_tokens_per_second(
+      writers.read_metrics(workdir), config.to_dict()
+    )
+    _print_summary(
+      last_eval, baseline, plotting.plot_run(workdir), tokens_per_second
+    )
   return last_eval
+
+
+def _warn(message: str, limit: int = 400):
+  """One line on stderr: "warning: <message>" (cut to `limit` characters)."""
+  line = errors.one_line(message)
+  if len(line) > limit:
+    line = line[: limit - 3] + "..."
+  print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _describe(change: writers.ConfigChange) -> str:
@@ -514,7 +575,8 @@ def _report(writer, bar, ckpt, step, logged, seconds):
   _check_finite(writer, ckpt, step, host)
   host["train/seconds_since_last_log"] = seconds
   writer.write(step, host)
-  bar.set_postfix(loss=f"{host['train/lm_loss']:.3f}")
+  bar.set_postfix(loss=f"{host['train/lm_loss']:.3f}", refresh=False)
+  bar.update(step - bar.n)
 
 
 def _diverged(writer, ckpt, step: int, terms: list[str], what: str):
@@ -577,7 +639,12 @@ def _check_state_finite(writer, ckpt, step: int, state: TrainState):
     _diverged(writer, ckpt, step, bad, f"train state ({', '.join(bad)})")
 
 
-def _print_summary(last_eval, baseline, plot_path):
+def _print_summary(last_eval, baseline, plot_path, tokens_per_second=None):
+  """The final eval loss against the unigram baseline, the routing health
+  metrics, and the training throughput: `reproduction.
+  train_tokens_per_second` of the metric log (the median over logging
+  intervals, without the first, which compiles, and without those holding
+  an evaluation; "n/a" when no interval qualifies)."""
   if not last_eval:
     print(f"nothing left to train; plot: {plot_path}")
     return
@@ -593,6 +660,11 @@ def _print_summary(last_eval, baseline, plot_path):
       name.startswith("max_violation")
     ):
       print(f"  {key:48s} {last_eval[key]:.4f}")
+  rate = "n/a" if tokens_per_second is None else f"{tokens_per_second:,.0f}"
+  print(
+    f"train tokens/s: {rate} (median over logging intervals, without the "
+    "first and those with an evaluation)"
+  )
   print(f"plot: {plot_path}")
 
 

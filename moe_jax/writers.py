@@ -377,6 +377,34 @@ def check_config_change(
   return changes
 
 
+def check_workdir(workdir: str):
+  """Raises ConfigError unless `workdir` is (or can be made) a directory
+  this process can write in: checked before a run compiles anything.
+
+  Creates the directory (and its parents) when missing and writes and
+  removes a probe file in it.
+  """
+  workdir = os.fspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.ConfigError(
+      f"--workdir={workdir} is a file, not a directory; name a directory "
+      "(it is created when missing)."
+    )
+  probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("moe_jax")
+    os.remove(probe)
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    where = f" ({e.filename})" if e.filename else ""
+    raise errors.ConfigError(
+      f"cannot write in --workdir={workdir}: {reason}{where}; choose a "
+      "directory you can write to, or fix its permissions."
+    ) from e
+
+
 def run_info() -> dict:
   """Versions, devices, git revision, command line and time of this
   process."""

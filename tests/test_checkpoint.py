@@ -233,3 +233,123 @@ def test_should_save_answers_what_save_would_do(tmp_path):
     ckpt.wait_until_finished()
     assert ckpt.step_path(5) == str(tmp_path / "5")
     assert (tmp_path / "5").is_dir()
+
+
+def _data_file(step_dir):
+  """The largest array data file of the checkpoint in `step_dir`."""
+  return max(
+    (p for p in (step_dir / "state").rglob("d/*") if p.is_file()),
+    key=lambda p: p.stat().st_size,
+  )
+
+
+def _corrupt(step_dir, how):
+  """Damages the checkpoint in `step_dir` the way `how` says."""
+  if how == "truncated":
+    path = _data_file(step_dir)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  elif how == "garbage":
+    path = _data_file(step_dir)
+    path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256 + 1))
+  elif how == "one_bit":  # tensorstore reads this without complaint
+    path = _data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+  elif how == "no_commit_marker":
+    (step_dir / "commit_success.txt").unlink()
+  elif how == "bad_metadata":
+    (step_dir / "_CHECKPOINT_METADATA").write_text("{")
+  elif how == "data_state":
+    (step_dir / "data" / "metadata").write_text('{"position": 99}')
+  else:
+    raise ValueError(how)
+
+
+CORRUPTIONS = (
+  "truncated",
+  "garbage",
+  "one_bit",
+  "no_commit_marker",
+  "bad_metadata",
+  "data_state",
+)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_bad_newest_checkpoint_is_skipped_and_moved_aside(tmp_path, how):
+  """Steps 1 and 2 saved, step 2 damaged: restore_newest_good returns step
+  1 bit-identical, names step 2 with a reason, and renames it (not deletes
+  it) to 2.corrupt; step 2 can then be saved again."""
+  states = {step: _make_state(seed=step) for step in (1, 2)}
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    for step, state in states.items():
+      ckpt.save(step, state, {"position": step})
+  _corrupt(tmp_path / "2", how)
+  before = sorted(p.name for p in (tmp_path / "2").rglob("*"))
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    template = jax.tree.map(jnp.zeros_like, states[1])
+    state, data_state, step, bad = ckpt.restore_newest_good(template)
+    assert (step, data_state) == (1, {"position": 1})
+    _assert_identical(state, states[1])
+    assert [(b.step, b.path) for b in bad] == [(2, str(tmp_path / "2"))]
+    (b,) = bad
+    assert b.moved_to == str(tmp_path / "2.corrupt")
+    assert b.reason and "\n" not in b.reason
+    assert ckpt.all_steps() == [1]
+    moved = sorted(p.name for p in (tmp_path / "2.corrupt").rglob("*"))
+    assert moved == before
+    assert ckpt.save(2, states[2], {"position": 2})
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    state, _, step, bad = ckpt.restore_newest_good(template)
+  assert (step, bad) == (2, [])
+  _assert_identical(state, states[2])
+
+
+def test_every_checkpoint_bad_is_an_error_that_moves_nothing(tmp_path):
+  """No good checkpoint: NoGoodCheckpointError (a RuntimeError) naming the
+  directory, each step and the ways out; every step directory stays."""
+  from moe_jax.checkpoint import NoGoodCheckpointError
+
+  state = _make_state()
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    ckpt.save(1, state, {"position": 1})
+    ckpt.save(2, state, {"position": 2})
+  _corrupt(tmp_path / "1", "one_bit")
+  _corrupt(tmp_path / "2", "no_commit_marker")
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    with pytest.raises(RuntimeError) as failed:
+      ckpt.restore_newest_good(jax.tree.map(jnp.zeros_like, state))
+  assert isinstance(failed.value, NoGoodCheckpointError)
+  message = str(failed.value)
+  for fragment in (str(tmp_path), "step 2: ", "step 1: ", "delete the workdir"):
+    assert fragment in message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_opening_removes_only_unfinished_writes(tmp_path):
+  """A leftover `<step>.orbax-checkpoint-tmp-<t>` directory (a killed write)
+  is listed in unfinished_writes and removed when the Checkpointer opens;
+  finished steps, a `.corrupt` one and a file with the suffix stay."""
+  state = _make_state()
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    ckpt.save(1, state, {"position": 1})
+    ckpt.save(2, state, {"position": 2})
+  (tmp_path / "2").rename(tmp_path / "2.orbax-checkpoint-tmp-1700000000")
+  (tmp_path / "3.corrupt").mkdir()
+  (tmp_path / "note.orbax-checkpoint-tmp.txt").write_text("a file")
+  with Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    assert ckpt.unfinished_writes == [
+      str(tmp_path / "2.orbax-checkpoint-tmp-1700000000")
+    ]
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [1]
+    _, _, step, bad = ckpt.restore_newest_good(
+      jax.tree.map(jnp.zeros_like, state)
+    )
+  assert (step, bad) == (1, [])
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    "1",
+    "3.corrupt",
+    "note.orbax-checkpoint-tmp.txt",
+  ]

@@ -177,3 +177,15 @@ def test_dialog_without_package_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "chatterbot_corpus", None)
   with pytest.raises(ImportError, match=r"pip install -e \.\[multilingual\]"):
     corpus.load_documents(("prose", "dialog"), 0)
+
+
+def test_code_documents_read_binary_and_non_utf8_files(tmp_path):
+  """A .py file of binary garbage or Latin-1 bytes is read, not an error:
+  each byte that is not UTF-8 becomes U+FFFD (documented handling)."""
+  (tmp_path / "latin1.py").write_bytes(b"caf\xe9 = 1\n")
+  (tmp_path / "garbage.py").write_bytes(b"\x00\xff\x80ok")
+  docs = {d.doc_id: d.text for d in corpus.code_documents(100, root=tmp_path)}
+  assert docs == {
+    "code/garbage.py": "\x00\ufffd\ufffdok",
+    "code/latin1.py": "caf\ufffd = 1\n",
+  }

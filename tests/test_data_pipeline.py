@@ -373,3 +373,40 @@ def test_tfds_errors(tfds_config, tiny_dir, tmp_path):
     (copy / name).write_bytes(text)
   with pytest.raises(ValueError, match="prepared as tfrecord.*array_record"):
     data.create_train_iterator(tfds_config(data_dir=str(tmp_path)), seed=0)
+
+
+class OddText(TinyText, skip_registration=True):
+  """An empty text, bytes that are not UTF-8, a 2-byte character."""
+
+  TEXTS = {"train": ["", b"\xff\xfe\x00\xc3", "\u00e9"], "test": [""]}
+
+
+def test_empty_and_non_utf8_texts_are_tokens_not_errors(make_config, tmp_path):
+  """Documented handling: an empty text is one window BOS -> EOS (one real
+  target, so a batch never has an all-zero mask from it); bytes that are
+  not UTF-8 are byte tokens like any other (id = byte + 3)."""
+  OddText(
+    data_dir=str(tmp_path), file_format="array_record"
+  ).download_and_prepare()
+  config = make_config(
+    source="tfds",
+    tfds_name="odd_text",
+    data_dir=str(tmp_path),
+    seq_len=8,
+    batch_size=3,
+    eval_batch_size=2,
+    num_eval_batches=1,
+  )
+  batch = next(data.create_train_iterator(config, seed=0))
+  rows = sorted(
+    tuple(int(t) for t, m in zip(targets, mask) if m)
+    for targets, mask in zip(batch["targets"], batch["mask"])
+  )
+  assert rows == [
+    (2,),  # ""
+    (0xC3 + 3, 0xA9 + 3, 2),  # "é" in UTF-8
+    (0xFF + 3, 0xFE + 3, 0x00 + 3, 0xC3 + 3, 2),
+  ]
+  (eval_batch,) = data.create_eval_batches(config)
+  np.testing.assert_array_equal(eval_batch["mask"].sum(axis=1), [1, 1])
+  assert np.isfinite(data.unigram_baseline(config))

@@ -854,6 +854,57 @@ def test_top_k_indices_match_lax_top_k_with_ties_and_minus_inf(
   np.testing.assert_array_equal(got, expected)
 
 
+_REDUCTIONS = frozenset(
+  {
+    "argmax",
+    "argmin",
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_or",
+    "reduce_and",
+    "reduce_prod",
+  }
+)
+
+
+def _constant_reductions(jaxpr, constant_in):
+  """Names of the reductions in `jaxpr` whose every input is a constant
+  (derived from literals and constants only, not from the inputs): what
+  XLA folds at compile time. `constant_in`: per invar, whether constant."""
+  constant = dict(zip(jaxpr.invars, constant_in, strict=True))
+  constant.update({v: True for v in jaxpr.constvars})
+  found = []
+
+  def is_const(v):
+    return isinstance(v, jax.extend.core.Literal) or constant.get(v, False)
+
+  for eqn in jaxpr.eqns:
+    inputs = [is_const(v) for v in eqn.invars]
+    if eqn.primitive.name in _REDUCTIONS and all(inputs):
+      found.append(eqn.primitive.name)
+    inner = eqn.params.get("jaxpr")
+    if inner is not None:
+      found += _constant_reductions(getattr(inner, "jaxpr", inner), inputs)
+    for v in eqn.outvars:
+      constant[v] = all(inputs)
+  return found
+
+
+def test_top_k_indices_reduces_no_constant():
+  """No argmax over a constant (the all-False `taken` of the first pass was
+  one): XLA constant-folds such a reduction at compile time, which took
+  seconds at eval size. The checker itself flags a constant argmax."""
+  x_GSE = jnp.zeros((8, 512, 16))
+  for k in (1, 2, 4):
+    closed = jax.make_jaxpr(lambda x, k=k: routing.top_k_indices(x, k))(x_GSE)
+    assert _constant_reductions(closed.jaxpr, [False]) == []
+  folded = jax.make_jaxpr(
+    lambda x: x + jnp.argmax(~jnp.zeros(x.shape, bool), axis=-1)[..., None]
+  )(x_GSE)
+  assert _constant_reductions(folded.jaxpr, [False]) == ["argmax"]
+
+
 # ---------------------------------------------------------------------------
 # GShard Alg. 1 slot counting of rejected second choices.
 

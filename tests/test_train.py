@@ -582,3 +582,235 @@ def test_compute_loss_adds_each_weighted_aux_loss_once(data_dir):
   )
   np.testing.assert_allclose(float(total), expected, rtol=1e-6)
   assert router_state == {}  # only the DeepSeek router keeps state
+
+
+def _rows_without_timings(workdir):
+  return [
+    {k: v for k, v in r.items() if "seconds" not in k}
+    for r in writers.read_metrics(str(workdir))
+  ]
+
+
+def _assert_same_final_state(workdir_a, workdir_b, config):
+  state_a, data_a = _final_params(workdir_a, config)
+  state_b, data_b = _final_params(workdir_b, config)
+  assert data_a == data_b
+  assert int(state_a.step) == int(state_b.step) == config.train.num_steps
+  for a, b in zip(jax_leaves(state_a), jax_leaves(state_b), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, data_dir):
+  """A tiny run of 6 steps with checkpoints at 2, 4, 6 (the last two kept):
+  (config, workdir, its metric rows, its stdout)."""
+  config = tiny_config(
+    data_dir, num_steps=6, log_every=1, eval_every=3, checkpoint_every=2
+  )
+  config.model.moe.router_jitter = 0.01  # exercises the per-step rng
+  workdir = tmp_path_factory.mktemp("six_steps")
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    train.train_and_evaluate(config, str(workdir))
+  return config, workdir, _rows_without_timings(workdir), out.getvalue()
+
+
+def _damage_step(step_dir, how):
+  sys.path.insert(0, str(REPO / "tests"))
+  import test_checkpoint
+
+  if how == "unfinished_write":  # what a write killed before its rename left
+    step_dir.rename(f"{step_dir}.orbax-checkpoint-tmp-1700000000")
+  else:
+    test_checkpoint._corrupt(step_dir, how)
+
+
+# Every kind of damage is tested on a Checkpointer in tests/test_checkpoint.py;
+# here two, through the trainer: one only the fingerprint catches.
+@pytest.mark.parametrize("how", ["one_bit", "unfinished_write"])
+def test_a_bad_latest_checkpoint_resumes_from_the_previous_good_one(
+  tmp_path, six_steps, how, capsys
+):
+  """The finished 6-step run's step-6 checkpoint damaged: a rerun warns on
+  one stderr line naming it, resumes from step 4, sets step 6 aside as
+  6.corrupt (an unfinished write is removed), trains steps 5-6 again and
+  ends with the metric log and the bit-identical state of the undamaged
+  run."""
+  config, reference, rows, _ = six_steps
+  workdir = tmp_path / "run"
+  import shutil
+
+  shutil.copytree(reference, workdir)
+  _damage_step(workdir / "checkpoints" / "6", how)
+  train.train_and_evaluate(config, str(workdir))
+  captured = capsys.readouterr()
+  warnings = [
+    line for line in captured.err.splitlines() if line.startswith("warning:")
+  ]
+  assert len(warnings) == 1, captured.err[-3000:]
+  bad = workdir / "checkpoints" / "6"
+  if how == "unfinished_write":
+    assert f"removed {bad}.orbax-checkpoint-tmp-1700000000" in warnings[0]
+    assert not list((workdir / "checkpoints").glob("6.*"))
+  else:
+    assert (
+      f"skipped the bad checkpoint {bad} (moved to {bad}.corrupt)"
+      in (warnings[0])
+    )
+    assert (workdir / "checkpoints" / "6.corrupt").is_dir()
+  assert "resuming from step 4" in captured.out
+  assert _rows_without_timings(workdir) == rows
+  _assert_same_final_state(workdir, reference, config)
+
+
+def _wait_for(predicate, process, timeout=240):
+  """Polls `predicate()` every millisecond until it holds (True) or the
+  process ends or `timeout` passes (False)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and process.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.001)
+  return False
+
+
+def _logged_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [
+    json.loads(line)["step"]
+    for line in path.read_text().splitlines()
+    if line.endswith("}")
+  ]
+
+
+def test_sigkill_at_drawn_steps_and_during_a_write_resumes_exactly(
+  tmp_path, six_steps
+):
+  """`python -m moe_jax.train` SIGKILLed twice: once after a step drawn at
+  random (seed 0), once while a checkpoint is being written (its orbax tmp
+  directory on disk); the third launch runs to the end. Metric log (but
+  the timings) and final state equal the uninterrupted run's, bit for
+  bit."""
+  config, reference, rows, _ = six_steps
+  workdir = tmp_path / "killed"
+  command = [
+    sys.executable,
+    "-m",
+    "moe_jax.train",
+    f"--config={REPO / 'configs' / 'switch_top1.py'}",
+    *_cli_overrides(config),
+    f"--workdir={workdir}",
+  ]
+
+  def launch():
+    return subprocess.Popen(
+      command,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=_env(),
+      cwd=tmp_path,
+    )
+
+  def kill(process):
+    os.kill(process.pid, signal.SIGKILL)
+    out, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, err[-3000:]
+    return out, err
+
+  kill_after = int(np.random.default_rng(0).integers(1, 5))  # a step 1..4
+  first = launch()
+  assert _wait_for(
+    lambda: max(_logged_steps(workdir), default=0) >= kill_after, first
+  )
+  kill(first)
+
+  checkpoints = workdir / "checkpoints"
+
+  def writing():
+    return [
+      p for p in checkpoints.glob("*.orbax-checkpoint-tmp*") if p.is_dir()
+    ]
+
+  for _ in range(3):  # a write takes ~0.1 s: the kill may come too late
+    second = launch()
+    assert _wait_for(lambda: bool(writing()), second)
+    kill(second)
+    if writing():
+      break
+  unfinished = writing()
+  assert unfinished, "no kill landed during a checkpoint write"
+
+  third = launch()
+  out, err = third.communicate(timeout=300)
+  assert third.returncode == 0, err[-3000:]
+  assert f"removed {unfinished[0]}: an unfinished checkpoint write" in err
+  assert not writing()
+  assert _rows_without_timings(workdir) == rows
+  _assert_same_final_state(workdir, reference, config)
+
+
+def test_final_summary_prints_train_tokens_per_second(six_steps):
+  """The summary's "train tokens/s" is the median of batch tokens / seconds
+  over the logging intervals, without the first and without those holding
+  an evaluation (after steps 3 and 6: the interval from step 3 to 4)."""
+  config, workdir, _, stdout = six_steps
+  seconds = {
+    r["step"]: r["train/seconds_since_last_log"]
+    for r in writers.read_metrics(str(workdir))
+    if "train/seconds_since_last_log" in r
+  }
+  tokens = 8 * 32  # tiny.shrink: batch 8 x 32 tokens, one step per row
+  expected = np.median([tokens / seconds[s] for s in (2, 3, 5, 6)])
+  line = next(x for x in stdout.splitlines() if x.startswith("train tokens/s"))
+  assert line.startswith(f"train tokens/s: {expected:,.0f} (median")
+
+
+def _no_data_wanted(*args, **kwargs):
+  raise AssertionError("the workdir is checked before the data is opened")
+
+
+@pytest.mark.parametrize("kind", ["regular_file", "unwritable"])
+def test_an_unusable_workdir_is_one_config_error_before_anything_runs(
+  tmp_path, data_dir, monkeypatch, kind
+):
+  """A --workdir that is a regular file, or one inside a read-only
+  directory (not testable as root, who may write anywhere): ConfigError
+  naming it, raised before the data is opened or anything compiles."""
+  if kind == "regular_file":
+    workdir = tmp_path / "run"
+    workdir.write_text("not a directory")
+    fragment = "is a file, not a directory"
+  else:
+    if os.geteuid() == 0:
+      pytest.skip("root ignores directory permissions")
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    workdir = parent / "run"
+    fragment = "cannot write in --workdir"
+  monkeypatch.setattr(data, "create_train_iterator", _no_data_wanted)
+  with pytest.raises(errors.ConfigError) as refused:
+    train.train_and_evaluate(tiny_config(data_dir), str(workdir))
+  assert fragment in str(refused.value)
+  assert str(workdir) in str(refused.value)
+  assert "\n" not in str(refused.value)
+
+
+def test_a_missing_tfds_dataset_is_a_config_error(tmp_path):
+  """data.source="tfds" with a dataset its data_dir lacks: ConfigError (one
+  line on the command line) naming the dataset and the folder searched."""
+  config = switch_top1.get_config()
+  config.data.source = "tfds"
+  config.data.tfds_name = "lm1b"
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(errors.ConfigError) as refused:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(refused.value)
+  assert "'lm1b' is not prepared" in message
+  assert str(tmp_path / "tfds" / "lm1b") in message
