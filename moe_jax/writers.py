@@ -403,7 +403,12 @@ def run_info() -> dict:
 
 
 def write_run_info(
-  workdir: str, config, *, step: int = 0, changes: Sequence[ConfigChange] = ()
+  workdir: str,
+  config,
+  *,
+  step: int = 0,
+  changes: Sequence[ConfigChange] = (),
+  extra: dict | None = None,
 ) -> dict:
   """Records a launch of the run in `workdir`.
 
@@ -420,6 +425,8 @@ def write_run_info(
     config: an ml_collections ConfigDict (or a plain dict).
     step: the step this launch starts from (its checkpoint's, else 0).
     changes: what `check_config_change` accepted for this launch.
+    extra: JSON fields added to this launch's run_info (e.g. the
+      "init_from" a fine-tuning run started from).
 
   Returns:
     This launch's run_info dict.
@@ -430,7 +437,7 @@ def write_run_info(
   config_text = (
     json.dumps(_jsonable(as_dict, "config"), indent=2, sort_keys=True) + "\n"
   )
-  info = run_info()
+  info = {**run_info(), **(extra or {})}
   config_path = os.path.join(workdir, CONFIG_FILE)
   info_path = os.path.join(workdir, RUN_INFO_FILE)
   if os.path.exists(info_path):
