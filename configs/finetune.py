@@ -24,8 +24,9 @@ Arguments (`get_config("key=value,...")`; several names joined with "+"):
   freeze          parameter groups with no update: router | experts |
                   non_expert | embeddings, e.g. non_expert (ST-MoE §4:
                   "only MoE parameters") or experts+router ("only non-MoE",
-                  as good as all in ST-MoE Table 5); "" = none
-  router_lr       the router's learning-rate multiplier (1.0)
+                  which ST-MoE finds as good as all); "" = none
+  router_lr       the router's learning-rate multiplier (1.0; no paper
+                  value)
   lr, steps       constant learning rate after 10 warmup steps, and the
                   number of steps (1e-3, a third of the base peak, and 500:
                   chosen for the CPU size, not from a paper)

@@ -18,7 +18,8 @@ are config keys (configs/base.py, configs/finetune.py):
   update: no Adam step and no weight decay (ST-MoE §4 fine-tunes the
   non-MoE parameters only and finds it as good as all of them).
 * `optimizer.router_learning_rate_multiplier` m: the router's parameters
-  take the AdamW step at learning_rate(t) x m.
+  take the AdamW step at learning_rate(t) x m (no paper fixes a value; a
+  knob to move the router slower than the rest).
 * `model.moe.expert_dropout_rate` (Switch §4: 0.4 inside the experts, 0.1
   elsewhere) lives in `layers.Experts`.
 * The auxiliary losses stay on while fine-tuning (ST-MoE §4 finds the

@@ -32,6 +32,12 @@ the test named; see also the README's "Guarantees"):
   and a newest checkpoint from before step N: the steps that checkpoint (or
   evaluate) read their own loss before saving (test_divergence_names_step_
   and_terms_and_keeps_a_finite_checkpoint).
+* Fine-tuning. With config.init_from a fresh run starts from another run's
+  checkpoint (`finetune.initialize`: all of config.init_restore or, on any
+  mismatch, a ConfigError naming the paths before anything is written;
+  recorded in run_info.json); once the run has a checkpoint it resumes
+  that instead (test_init_from_starts_at_the_source_params_and_resumes_
+  its_own in tests/test_finetune.py).
 * Errors. A configuration mistake (`errors.ConfigError`: a bad value, an
   unknown key, a config file that does not load, a refused workdir) is one
   line on stderr, `error: <message>`, and exit status 2; other exceptions
