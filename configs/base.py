@@ -15,6 +15,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   """Returns the defaults shared by all configs (a Switch top-1 MoE LM)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # ---- fine-tuning (moe_jax.finetune; README "Fine-tuning and upcycling"):
+  # start a fresh run from another run's checkpoint: "" (none) | a workdir
+  # (its newest checkpoint) | a step directory <workdir>/checkpoints/<step>.
+  # Read only when this workdir has no checkpoint; the step restarts at 0.
+  config.init_from = ""
+  # What init_from restores: "params" (always) and any of "router_state"
+  # (the DeepSeek bias) and "opt_state" (the Adam moments; else fresh).
+  config.init_restore = ("params", "router_state")
+  # Sparse upcycling (Komatsuzaki et al. 2022): init_from is a dense run;
+  # each expert starts as a copy of its block's dense FFN, routers fresh.
+  config.init_upcycle = False
 
   # ---- data: the embedded corpus (moe_jax.data) or a prepared TFDS corpus.
   config.data = ml_collections.ConfigDict()
@@ -116,6 +127,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (DeepSeek-V3 Eq. 12); width 0 = expert_dim.
   config.model.moe.num_shared_experts = 0
   config.model.moe.shared_expert_dim = 0
+  # Dropout on the experts' hidden activations, in training only (Switch §4,
+  # Table 4: 0.4 inside the experts with 0.1 elsewhere for fine-tuning);
+  # model.dropout_rate stays the rate everywhere else.
+  config.model.moe.expert_dropout_rate = 0.0
 
   # ---- loss: LM cross-entropy + coefficient x each auxiliary loss.
   config.loss = ml_collections.ConfigDict()
@@ -144,6 +159,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.98
   config.optimizer.grad_clip_norm = 1.0
+  # Parameter groups that get no update at all (no Adam step, no weight
+  # decay), e.g. ("non_expert",) or ("router",) for fine-tuning (ST-MoE §4):
+  # "router" | "experts" | "non_expert" | "embeddings"; see
+  # moe_jax.finetune.PARAM_GROUPS for the paths each one matches.
+  config.optimizer.freeze = ()
+  # The router's parameters learn at learning_rate x this (ST-MoE §4).
+  config.optimizer.router_learning_rate_multiplier = 1.0
 
   # ---- mesh: devices as (data, expert, model); see moe_jax.sharding and the
   # README's "Distributed training". All 1s: one device, no mesh.

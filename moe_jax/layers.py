@@ -43,6 +43,7 @@ second-choice policy, the noise of noisy routers, random routing), `dropout`.
 """
 
 import dataclasses
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -192,6 +193,8 @@ class MoeConfig:
   # expert_dim).
   num_shared_experts: int = 0
   shared_expert_dim: int = 0
+  # Dropout on the experts' hidden activations in training (Switch §4).
+  expert_dropout_rate: float = 0.0
 
   def __post_init__(self):
     # Every ValueError of the checks (also those of routing and deepseek)
@@ -287,6 +290,11 @@ class MoeConfig:
     _choice(
       "expert_parallel", self.expert_parallel, expert_parallel.IMPLEMENTATIONS
     )
+    if not 0.0 <= self.expert_dropout_rate < 1.0:
+      raise ValueError(
+        f"expert_dropout_rate={self.expert_dropout_rate} must be in [0, 1) "
+        "(0: no dropout inside the experts)."
+      )
     if self.router_jitter < 0 or self.router_jitter >= 1:
       raise ValueError(f"router_jitter={self.router_jitter} must be in [0, 1).")
     if self.expert_dim < 1 or self.group_size < 1 or self.min_capacity < 0:
@@ -424,6 +432,15 @@ class Experts(nn.Module):
   backend: expert buffers x_EGCD (each expert's slots, einsum over E), or,
   given `group_sizes_E`, rows x_ND sorted by expert, each row through its
   own expert by a grouped matmul (`moe_jax.grouped_matmul`).
+
+  Expert dropout (Switch §4, Table 4: rate 0.4 inside the experts, 0.1
+  elsewhere, for fine-tuning): with `dropout_rate` > 0 and
+  `deterministic=False`, the hidden activations h (after the activation and
+  the gate product, before wo) are dropped elementwise, each kept one scaled
+  by 1 / (1 - rate) (inverted dropout, `nn.Dropout`, rng stream "dropout").
+  The same code serves both layouts, so every dispatch backend ("einsum",
+  "indices", "dropless" and the expert-parallel mesh, which calls this module
+  on the global buffers) applies it; an empty slot stays zero.
   """
 
   num_experts: int
@@ -433,12 +450,18 @@ class Experts(nn.Module):
   dtype: jnp.dtype = jnp.float32
   grouped_matmul: str = "auto"
   tile_size: int = 0  # 0: grouped_matmul.default_tile_size
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, group_sizes_E: jax.Array | None = None
+    self,
+    x: jax.Array,
+    group_sizes_E: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
   ) -> jax.Array:
-    """y_EGCD from x_EGCD, or y_ND from x_ND and group_sizes_E."""
+    """y_EGCD from x_EGCD, or y_ND from x_ND and group_sizes_E; dropout
+    on the hidden units only when `deterministic` is False."""
     E, D, F = self.num_experts, x.shape[-1], self.expert_dim
     if group_sizes_E is None:
 
@@ -469,6 +492,7 @@ class Experts(nn.Module):
     if self.gated:
       gate_EDF = self.param("wi_gate", _EDF_INIT, (E, D, F), jnp.float32)
       h = h * matmul(x, gate_EDF)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     wo_EFD = self.param("wo", _EFD_INIT, (E, F, D), jnp.float32)
     return matmul(h, wo_EFD)
 
@@ -775,6 +799,7 @@ class MoeLayer(nn.Module):
       dtype,
       cfg.grouped_matmul,
       cfg.tile_size,
+      cfg.expert_dropout_rate,
       name="experts",
     )
     if sharding.active_mesh() is None:
@@ -782,9 +807,11 @@ class MoeLayer(nn.Module):
         x_GSD.astype(dtype), route, E, capacity, cfg.dispatch
       )
       if cfg.dispatch == "dropless":  # rows sorted by expert
-        y_expert = experts(x_expert, context.group_sizes_E)
+        y_expert = experts(
+          x_expert, context.group_sizes_E, deterministic=deterministic
+        )
       else:  # expert buffers x_EGCD
-        y_expert = experts(x_expert)
+        y_expert = experts(x_expert, deterministic=deterministic)
       y_GSD = dispatch_lib.combine(
         y_expert, route, E, capacity, cfg.dispatch, context
       )
@@ -800,7 +827,7 @@ class MoeLayer(nn.Module):
       y_GSD = expert_parallel.moe_ffn(
         x_GSD.astype(dtype),
         route,
-        experts,
+        functools.partial(experts, deterministic=deterministic),
         num_experts=E,
         expert_dim=cfg.expert_dim,
         capacity=capacity,

@@ -213,3 +213,99 @@ def pool_batches(per_batch: list[dict]) -> dict[str, np.ndarray]:
     else:
       out[key] = values.mean(axis=0)
   return out
+
+
+# ---- Expert collapse over a run (from its metrics.jsonl rows) -------------
+
+# How far the largest expert share must move from the even share 1/E
+# towards total collapse (1/K: K experts take every choice) to count: 3/7
+# puts the line at exactly 0.5 for E = 8, K = 1.
+COLLAPSE_EXCESS = 3 / 7
+# Consecutive logged rows above the line before a layer counts as collapsed
+# (one unlucky batch does not).
+COLLAPSE_PATIENCE = 3
+
+
+def expert_load(
+  rows: list[dict], split: str = "train"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Per MoE layer, the expert shares f_e over a run's logged steps.
+
+  Args:
+    rows: the rows of a run's metrics.jsonl (`writers.read_metrics`).
+    split: "train" (every logged step) or "eval".
+
+  Returns:
+    {"layer_01": (steps [T], fraction [T, E])} from the rows holding
+    "<split>/moe/<layer>/expert_fraction", in row order.
+  """
+  prefix, suffix = f"{split}/moe/", "/expert_fraction"
+  load: dict[str, tuple[list, list]] = {}
+  for row in rows:
+    for key, value in row.items():
+      if key.startswith(prefix) and key.endswith(suffix):
+        layer = key[len(prefix) : -len(suffix)]
+        steps, fractions = load.setdefault(layer, ([], []))
+        steps.append(row["step"])
+        fractions.append(value)
+  return {
+    layer: (np.asarray(steps), np.asarray(fractions, np.float64))
+    for layer, (steps, fractions) in sorted(load.items())
+  }
+
+
+def collapse_threshold(num_experts: int, top_k: int = 1) -> float:
+  """The largest-share line of `detect_collapse`: 1/E + COLLAPSE_EXCESS *
+  (1/K - 1/E), between the even share 1/E and total collapse 1/K (each
+  token's K choices are distinct experts, so no expert takes more than 1/K
+  of the choices)."""
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"top_k={top_k} must be in 1 .. E={num_experts}.")
+  even = 1.0 / num_experts
+  return even + COLLAPSE_EXCESS * (1.0 / top_k - even)
+
+
+def detect_collapse(
+  rows: list[dict], *, top_k: int = 1, split: str = "train"
+) -> dict[str, dict]:
+  """Flags MoE layers whose routing collapsed onto few experts.
+
+  The rule: a layer has collapsed at step t when its largest expert share
+  max_e f_e (the share of the batch's routed choices, `expert_fraction`)
+  is above `collapse_threshold(E, K)` (0.5 for E = 8, K = 1) in
+  COLLAPSE_PATIENCE consecutive logged rows, t the first of them. The
+  same line in MaxVio terms (Wang 2024 Eq. 4, MaxVio = E max_e f_e - 1 for
+  shares): MaxVio > E threshold - 1 (3.0 at E = 8, K = 1).
+
+  Args:
+    rows: the rows of a run's metrics.jsonl (`writers.read_metrics`).
+    top_k: the run's K (config.model.moe.top_k).
+    split: "train" or "eval".
+
+  Returns:
+    Per layer: {"steps", "max_share" [T], "threshold", "collapsed" (bool),
+    "collapse_step" (first step of the first run of COLLAPSE_PATIENCE rows
+    above the line, or None), "final_max_share", "dominant_expert" (the
+    expert of the largest share at the last step)}.
+  """
+  out = {}
+  for layer, (steps, fraction_TE) in expert_load(rows, split).items():
+    threshold = collapse_threshold(fraction_TE.shape[1], top_k)
+    max_share_T = fraction_TE.max(axis=1)
+    above_T = max_share_T > threshold
+    collapse_step, streak = None, 0
+    for t, above in enumerate(above_T):
+      streak = streak + 1 if above else 0
+      if streak == COLLAPSE_PATIENCE:
+        collapse_step = int(steps[t - COLLAPSE_PATIENCE + 1])
+        break
+    out[layer] = {
+      "steps": steps,
+      "max_share": max_share_T,
+      "threshold": threshold,
+      "collapsed": collapse_step is not None,
+      "collapse_step": collapse_step,
+      "final_max_share": float(max_share_T[-1]),
+      "dominant_expert": int(fraction_TE[-1].argmax()),
+    }
+  return out

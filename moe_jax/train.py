@@ -41,6 +41,12 @@ the test named; see also the README's "Guarantees"):
   and a newest checkpoint from before step N: the steps that checkpoint (or
   evaluate) read their own loss before saving (test_divergence_names_step_
   and_terms_and_keeps_a_finite_checkpoint).
+* Fine-tuning. With config.init_from a fresh run starts from another run's
+  checkpoint (`finetune.initialize`: all of config.init_restore or, on any
+  mismatch, a ConfigError naming the paths before anything is written;
+  recorded in run_info.json); once the run has a checkpoint it resumes
+  that instead (test_init_from_starts_at_the_source_params_and_resumes_
+  its_own in tests/test_finetune.py).
 * Errors. A configuration mistake (`errors.ConfigError`: a bad value, an
   unknown key, a config file that does not load, a refused workdir, a
   workdir that is a file or not writable, a TFDS dataset that is not
@@ -86,6 +92,7 @@ from ml_collections import config_flags
 from moe_jax import (
   data,
   errors,
+  finetune,
   metrics,
   plotting,
   reproduction,
@@ -117,7 +124,9 @@ class TrainState:
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
-  """AdamW with linear warmup, then cosine/linear decay (or constant)."""
+  """AdamW with linear warmup, then cosine/linear decay (or constant);
+  with optimizer.freeze or optimizer.router_learning_rate_multiplier, the
+  groups of `finetune.grouped_optimizer`."""
   peak, warmup = opt.learning_rate, opt.warmup_steps
   end = peak * opt.final_learning_rate_fraction
   decay_steps = max(num_steps - warmup, 1)
@@ -137,12 +146,20 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
   def decay_mask(params):  # no weight decay on biases and norm scales
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
-  tx = optax.chain(
-    optax.clip_by_global_norm(opt.grad_clip_norm),
-    optax.adamw(
-      schedule, opt.b1, opt.b2, weight_decay=opt.weight_decay, mask=decay_mask
-    ),
-  )
+  def adamw(learning_rate):
+    return optax.adamw(
+      learning_rate,
+      opt.b1,
+      opt.b2,
+      weight_decay=opt.weight_decay,
+      mask=decay_mask,
+    )
+
+  clip = optax.clip_by_global_norm(opt.grad_clip_norm)
+  if finetune.trains_all_alike(opt):
+    tx = optax.chain(clip, adamw(schedule))
+  else:  # frozen groups or a router learning rate (optimizer.freeze, ...)
+    tx = finetune.grouped_optimizer(opt, clip, adamw, schedule)
   return tx, schedule
 
 
@@ -407,6 +424,7 @@ def train_and_evaluate(
   num_steps = config.train.num_steps
   with errors.config_errors():
     check_train_config(config.train)
+    finetune.check_config(config)
     layout = sharding.Layout.from_config(config)
     model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
@@ -420,6 +438,7 @@ def train_and_evaluate(
     train_iter, eval_batches = _open_data(config)
   model = TransformerLM(model_config)
   state = init_state(config, model, tx, eval_batches[0], layout)
+  state, init_info = _initialize_from(config, workdir, state)
   step_fn = layout.jit_train_step(
     bind_train_step(config, model, tx, schedule),
     state,
@@ -462,7 +481,9 @@ def train_and_evaluate(
   main_process = jax.process_index() == 0
   writer = writers.NullWriter()
   if main_process:
-    writers.write_run_info(workdir, config, step=start, changes=changes)
+    writers.write_run_info(
+      workdir, config, step=start, changes=changes, extra=init_info
+    )
     writer = writers.MetricWriter(workdir)
   # Rows logged after `start` (all of them when there is no checkpoint)
   # belong to a launch that was stopped: they are logged again.
@@ -471,6 +492,8 @@ def train_and_evaluate(
     print(f"resuming from step {start} (checkpoint {ckpt.step_path(start)})")
   else:
     print(f"starting fresh at step 0 in {workdir} (no checkpoint)")
+  if init_info:
+    print(_describe_init(init_info["init_from"]))
   if dropped:
     print(f"dropped {dropped} metric rows of steps > {start} (logged again)")
   for change in changes:
@@ -557,6 +580,26 @@ def _warn(message: str, limit: int = 400):
   if len(line) > limit:
     line = line[: limit - 3] + "..."
   print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _initialize_from(config, workdir: str, state: TrainState):
+  """`state`, started from config.init_from when the workdir holds no
+  checkpoint of its own (`finetune.initialize`), and {"init_from": what
+  was restored} for run_info.json (else None)."""
+  if not config.get("init_from") or finetune.has_checkpoint(
+    f"{workdir}/checkpoints"
+  ):
+    return state, None
+  state, info = finetune.initialize(config, state)
+  return state, {"init_from": info}
+
+
+def _describe_init(info: dict) -> str:
+  how = "upcycled from the dense" if info["upcycled"] else "initialised from"
+  return (
+    f"{how} checkpoint {info['source']} (its step {info['source_step']}): "
+    f"{', '.join(info['restored'])}; this run counts from step 0"
+  )
 
 
 def _describe(change: writers.ConfigChange) -> str:

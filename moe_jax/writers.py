@@ -381,8 +381,8 @@ def check_workdir(workdir: str):
   """Raises ConfigError unless `workdir` is (or can be made) a directory
   this process can write in: checked before a run compiles anything.
 
-  Creates the directory (and its parents) when missing and writes and
-  removes a probe file in it.
+  Writes and removes a probe file in it; directories it had to create for
+  the probe are removed again, so a run refused later leaves no trace.
   """
   workdir = os.fspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -391,11 +391,18 @@ def check_workdir(workdir: str):
       "(it is created when missing)."
     )
   probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
+  missing = []  # the directories the probe needs, deepest first
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, "w", encoding="utf-8") as f:
       f.write("moe_jax")
     os.remove(probe)
+    for path in missing:
+      os.rmdir(path)
   except OSError as e:
     reason = e.strerror or type(e).__name__
     where = f" ({e.filename})" if e.filename else ""
@@ -431,7 +438,12 @@ def run_info() -> dict:
 
 
 def write_run_info(
-  workdir: str, config, *, step: int = 0, changes: Sequence[ConfigChange] = ()
+  workdir: str,
+  config,
+  *,
+  step: int = 0,
+  changes: Sequence[ConfigChange] = (),
+  extra: dict | None = None,
 ) -> dict:
   """Records a launch of the run in `workdir`.
 
@@ -448,6 +460,8 @@ def write_run_info(
     config: an ml_collections ConfigDict (or a plain dict).
     step: the step this launch starts from (its checkpoint's, else 0).
     changes: what `check_config_change` accepted for this launch.
+    extra: JSON fields added to this launch's run_info (e.g. the
+      "init_from" a fine-tuning run started from).
 
   Returns:
     This launch's run_info dict.
@@ -458,7 +472,7 @@ def write_run_info(
   config_text = (
     json.dumps(_jsonable(as_dict, "config"), indent=2, sort_keys=True) + "\n"
   )
-  info = run_info()
+  info = {**run_info(), **(extra or {})}
   config_path = os.path.join(workdir, CONFIG_FILE)
   info_path = os.path.join(workdir, RUN_INFO_FILE)
   if os.path.exists(info_path):

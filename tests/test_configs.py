@@ -133,6 +133,9 @@ def test_dense_twin_is_flop_matched(path):
     moe.capacity_factor = 1.0
     moe.min_capacity = 0
   config.model.num_layers = config.model.moe_every
+  # Expert dropout's random bits (configs/finetune.py) are no FFN FLOPs,
+  # and the twin has no expert to drop in.
+  moe.expert_dropout_rate = 0.0
   twin = config.copy_and_resolve_references()
   twin.model.moe.num_experts = 0
   B = 2

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from moe_jax.metrics import (
+  collapse_threshold,
+  detect_collapse,
   expert_choice_metrics,
+  expert_load,
   pool_batches,
   router_logit_metrics,
   routing_metrics,
@@ -365,3 +368,68 @@ def test_router_logit_metrics_match_numpy_on_random_logits():
   np.testing.assert_allclose(
     no_mask["router_logsumexp"], lse_all.mean(), rtol=1e-6
   )
+
+
+# ---- detect_collapse on synthetic metrics.jsonl rows ----------------------
+
+
+def _rows(shares_by_step, layer="layer_01", split="train"):
+  return [
+    {"step": step, f"{split}/moe/{layer}/expert_fraction": list(shares)}
+    for step, shares in shares_by_step
+  ]
+
+
+def test_collapse_threshold_by_hand():
+  # 1/E + 3/7 (1/K - 1/E): E = 8, K = 1 -> 1/8 + 3/7 * 7/8 = 1/2;
+  # E = 4, K = 2 -> 1/4 + 3/7 * 1/4 = 10/28.
+  assert collapse_threshold(8) == pytest.approx(0.5)
+  assert collapse_threshold(4, top_k=2) == pytest.approx(10 / 28)
+  with pytest.raises(ValueError, match="top_k=3"):
+    collapse_threshold(2, top_k=3)
+
+
+def test_detect_collapse_needs_patience_rows_above_the_line():
+  even = [1 / 8] * 8
+  spike = [0.6] + [0.4 / 7] * 7  # one expert takes 60% > 50%
+  steps = [(10, even), (20, spike), (30, even)]  # one batch: no collapse
+  steps += [(40, spike), (50, spike), (60, spike), (70, even)]
+  rows = _rows(steps) + [{"step": 70, "eval/lm_loss": 1.0}]
+  report = detect_collapse(rows)["layer_01"]
+  assert report["collapsed"] and report["collapse_step"] == 40
+  np.testing.assert_allclose(
+    report["max_share"], [0.125, 0.6, 0.125, 0.6, 0.6, 0.6, 0.125]
+  )
+  assert report["final_max_share"] == pytest.approx(0.125)
+  assert list(report["steps"]) == [10, 20, 30, 40, 50, 60, 70]
+  # Two rows above the line are not enough; exactly on the line is not
+  # above it.
+  line = [0.5] + [0.5 / 7] * 7
+  rows = _rows([(1, spike), (2, spike), (3, line), (4, spike)])
+  assert not detect_collapse(rows)["layer_01"]["collapsed"]
+  assert detect_collapse(rows)["layer_01"]["collapse_step"] is None
+
+
+def test_detect_collapse_per_layer_split_and_top_k():
+  # Top-2 over E = 4: each token's two choices are distinct, so 0.5 is
+  # total collapse; the line is 10/28 = 0.357.
+  two = [0.45, 0.45, 0.05, 0.05]
+  rows = _rows([(s, two) for s in (1, 2, 3)], layer="layer_03")
+  rows += _rows([(s, [0.25] * 4) for s in (1, 2, 3)], layer="layer_01")
+  report = detect_collapse(rows, top_k=2)
+  assert sorted(report) == ["layer_01", "layer_03"]
+  assert (
+    report["layer_03"]["collapsed"]
+    and report["layer_03"]["dominant_expert"] == 0
+  )
+  assert not report["layer_01"]["collapsed"]
+  assert not detect_collapse(rows, top_k=1)["layer_03"][
+    "collapsed"
+  ]  # line .679
+  eval_rows = _rows([(5, two)] * 3, split="eval")
+  assert detect_collapse(eval_rows, split="eval", top_k=2)["layer_01"][
+    "collapsed"
+  ]
+  assert detect_collapse(eval_rows) == {}
+  steps, fraction_TE = expert_load(rows)["layer_03"]
+  assert list(steps) == [1, 2, 3] and fraction_TE.shape == (3, 4)

@@ -383,3 +383,12 @@ def test_later_launches_append_to_history_and_keep_run_info(tmp_path):
     "new": 4,
   }
   assert history[2]["time"].endswith("+00:00")
+
+
+def test_check_workdir_leaves_no_directory_behind(tmp_path):
+  # A run refused after the check (e.g. a bad init_from) must leave no trace.
+  writers.check_workdir(tmp_path / "a" / "b" / "run")
+  assert list(tmp_path.iterdir()) == []
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(errors.ConfigError, match="is a file"):
+    writers.check_workdir(tmp_path / "file")
