@@ -17,10 +17,10 @@ setup(
   long_description=(_HERE / "README.md").read_text(),
   long_description_content_type="text/markdown",
   license="Apache-2.0",
-  python_requires=">=3.10",
+  python_requires=">=3.11",
   packages=find_packages(include=["moe_jax", "moe_jax.*"]),
   install_requires=[
-    "jax>=0.6.0,<0.12",
+    "jax>=0.7.1,<0.13",
     "flax>=0.10.4,<0.13",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11.0,<0.13",
