@@ -420,7 +420,7 @@ def run_info() -> dict:
   import moe_jax
 
   devices = jax.devices()
-  now = datetime.datetime.now(datetime.timezone.utc)
+  now = datetime.datetime.now(datetime.UTC)
   return {
     "moe_jax_version": moe_jax.__version__,
     "git": git_revision(os.path.dirname(os.path.abspath(moe_jax.__file__))),
