@@ -29,11 +29,20 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- data: the embedded corpus (moe_jax.data) or a prepared TFDS corpus.
   config.data = ml_collections.ConfigDict()
-  config.data.source = "embedded"  # "embedded" | "tfds"
+  config.data.source = "embedded"  # "embedded" | "tfds" | "instructions"
   # Embedded corpus: which parts of the Python installation to include.
   config.data.domains = ("code", "prose")  # add "dialog" with [multilingual]
   config.data.max_code_bytes = 4_000_000  # caps the (large) stdlib source
   config.data.validation_fraction = 0.05
+  # source="instructions": instruction -> response examples cut from the
+  # embedded corpus (moe_jax.data.instructions; loss on the response only).
+  config.data.instruction_tasks = (
+    "code_body",
+    "code_name",
+    "code_docstring",
+    "prose_continue",
+    "prose_topic",
+  )
   # TFDS corpora (lm1b, c4, ...), read from an already prepared data_dir.
   config.data.tfds_name = ""
   config.data.tfds_text_key = "text"

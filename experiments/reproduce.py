@@ -13,7 +13,10 @@ A suite is a run book in configs/reproduce/<suite>.py (see
   2. trains it with `moe_jax.train.train_and_evaluate` in
      <runs>/<scale>/<suite>/<arm>/seed_<n>: an arm already finished is
      skipped, an interrupted one resumes from its checkpoint, a diverged one
-     is a result ("unstable at step N"), not a crash of the sweep;
+     is a result ("unstable at step N"), not a crash of the sweep; an arm
+     that starts from another (`Arm.init_from`: fine-tuning, upcycling) runs
+     after it, with "init_from=<its workdir>" in the config argument, and
+     waits (is left for a later sweep) while that run has not finished;
   3. evaluates the checkpoint again under the arm's extra evaluation settings
      (`moe_jax.evaluate`), without retraining;
   4. rewrites <results>/<suite>/results.json, report.md (the verdict rule
@@ -79,17 +82,36 @@ def jobs_of(module, scale: str, seeds: int | None, runs: Path) -> list[Job]:
   out = []
   for arm in suite.arms_at(scale):
     for seed in range(n):
-      arg = ",".join(filter(None, [arm.args, f"scale={scale}", f"seed={seed}"]))
+      source = ""
+      if arm.init_from:
+        source = (
+          f"init_from={workdir_of(runs, scale, suite, arm.init_from, seed)}"
+        )
+      arg = ",".join(
+        filter(None, [arm.args, f"scale={scale}", f"seed={seed}", source])
+      )
       out.append(
         Job(
           arm,
           seed,
           arg,
           f"configs/reproduce/{suite.name}.py:{arg}",
-          runs / scale / suite.name / arm.name / f"seed_{seed}",
+          workdir_of(runs, scale, suite, arm.name, seed),
         )
       )
   return out
+
+
+def workdir_of(runs: Path, scale: str, suite: Suite, arm: str, seed: int):
+  """<runs>/<scale>/<suite>/<arm>/seed_<seed>; a path that the config
+  argument cannot carry (a "," or "=" in it) is an error."""
+  path = Path(runs) / scale / suite.name / arm / f"seed_{seed}"
+  if "," in str(path) or "=" in str(path):
+    raise SystemExit(
+      f"--runs={runs}: a run directory with ',' or '=' in its path cannot "
+      "be passed as init_from in a config argument; choose another --runs."
+    )
+  return path
 
 
 # ---------------------------------------------------------------------------
@@ -106,6 +128,14 @@ _COST_IRRELEVANT = {
   "eval_capacity_factor",
   "eval_router",
   "routing_seed",
+  "init_from",
+  "init_upcycle",
+  "init_restore",
+  # which text is read, not the shapes: the same step
+  "source",
+  "domains",
+  "instruction_tasks",
+  "validation_fraction",
 }
 
 
@@ -290,6 +320,13 @@ def run_suite(name: str, args) -> dict:
     for job in jobs:
       if (job.arm.name, job.seed) in done:
         continue
+      source = job.arm.init_from
+      if source and not _finished(results, source, job.seed):
+        print(
+          f"[{name}] {job.arm.name} seed {job.seed} waits: the run it "
+          f"starts from, {source} seed {job.seed}, has not finished."
+        )
+        continue
       print(f"[{name}] {job.arm.name} seed {job.seed}: {job.config_path}")
       record = run_job(module, job)
       if record is None:  # left unrecorded: a later sweep tries it again
@@ -307,6 +344,14 @@ def run_suite(name: str, args) -> dict:
       write_report(suite, results, out_dir)  # readable after every arm
   write_report(suite, results, out_dir)
   return results
+
+
+def _finished(results: dict, arm: str, seed: int) -> bool:
+  """Whether results.json holds a finished run of (arm, seed)."""
+  return any(
+    r["arm"] == arm and r["seed"] == seed and r["status"] == "finished"
+    for r in results["runs"]
+  )
 
 
 # ---------------------------------------------------------------------------

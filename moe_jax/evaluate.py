@@ -37,6 +37,9 @@ EVAL_KEYS = (
   "model.moe.dispatch",
   "data.num_eval_batches",
   "data.eval_batch_size",
+  # source="instructions": which tasks' held-out examples are evaluated
+  # (a subset of the training mixture, e.g. one task).
+  "data.instruction_tasks",
 )
 
 

@@ -96,7 +96,8 @@ def param_groups(path: str) -> frozenset[str]:
 def check_config(config: ml_collections.ConfigDict):
   """Raises ConfigError on a bad fine-tuning key (init_from, init_restore,
   init_upcycle, optimizer.freeze, optimizer.router_learning_rate_multiplier)
-  or data.domains; the source itself is read at the fresh start."""
+  or data.domains (data.instruction_tasks with source="instructions"); the
+  source itself is read at the fresh start."""
   init_from = config.get("init_from", "")
   restore = tuple(config.get("init_restore", ("params",)))
   upcycling = config.get("init_upcycle", False)
@@ -123,11 +124,17 @@ def check_config(config: ml_collections.ConfigDict):
       "upcycled run starts a fresh optimizer (init_restore=('params',))."
     )
   check_optimizer(config.optimizer)
-  if config.data.get("source", "embedded") == "embedded":
+  source = config.data.get("source", "embedded")
+  if source == "embedded":
     from moe_jax.data import corpus  # pylint: disable=g-import-not-at-top
 
     with errors.config_errors():
       corpus.canonical_domains(config.data.domains)
+  elif source == "instructions":
+    from moe_jax.data import instructions  # pylint: disable=g-import-not-at-top
+
+    with errors.config_errors():
+      instructions.canonical_tasks(config.data.get("instruction_tasks", ()))
 
 
 def check_optimizer(opt: ml_collections.ConfigDict):

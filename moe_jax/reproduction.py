@@ -98,12 +98,17 @@ class Arm:
     evals: extra evaluations of the trained checkpoint, without retraining:
       {"cf2.0": {"model.moe.eval_capacity_factor": 2.0}}. Their metrics are
       summarised as "<metric>@<name>".
+    init_from: the name of an earlier arm of the suite whose run (same
+      scale, same seed) this arm starts from: the runner trains that arm
+      first and passes its workdir as the `get_config` argument
+      "init_from=<workdir>" (fine-tuning, upcycling). "" = none.
   """
 
   name: str
   args: str
   label: str = ""
   evals: dict = dataclasses.field(default_factory=dict)
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,17 +205,34 @@ class Suite:
 
   def arms_at(self, scale: str) -> list[Arm]:
     """The arms run at `scale`. At "smoke" only the two arms of the first
-    claim run (CI checks that every suite builds, trains, evaluates and
-    reports; the other claims then read "not run")."""
+    claim run, with the arms they start from (CI checks that every suite
+    builds, trains, evaluates and reports; the other claims then read "not
+    run")."""
     arms = list(self.arms(scale))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
       raise ValueError(f"suite {self.name}: arm names repeat: {names}.")
     self._check_claims(names)
+    self._check_sources(arms)
     if scale == "smoke" and self.claims:
-      first = {self.claims[0].left, self.claims[0].right}
-      arms = [a for a in arms if a.name in first]
+      keep = {self.claims[0].left, self.claims[0].right}
+      source = {a.name: a.init_from for a in arms}
+      for arm in reversed(arms):  # sources come first: one pass back
+        if arm.name in keep and arm.init_from:
+          keep.add(source[arm.name])
+      arms = [a for a in arms if a.name in keep]
     return arms
+
+  def _check_sources(self, arms):
+    seen = set()
+    for arm in arms:
+      if arm.init_from and arm.init_from not in seen:
+        raise ValueError(
+          f"suite {self.name}: arm {arm.name!r} starts from "
+          f"init_from={arm.init_from!r}, which is not an arm listed before "
+          f"it (sources run first): {sorted(seen)}."
+        )
+      seen.add(arm.name)
 
   def _check_claims(self, names):
     for claim in self.claims:

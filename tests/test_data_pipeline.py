@@ -211,7 +211,7 @@ def test_unigram_baseline_matches_float64_reference(make_config):
   [
     (
       {"source": "hf"},
-      r"data.source='hf' is not one of \('embedded', 'tfds'\)",
+      r"data.source='hf' is not one of \('embedded', 'tfds', 'instructions'\)",
     ),
     ({"seq_len": 0}, "data.seq_len=0 must be > 0"),
     ({"batch_size": -2}, "data.batch_size=-2 must be > 0"),

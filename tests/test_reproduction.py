@@ -234,7 +234,10 @@ def test_every_arm_builds_at_every_scale(name, scale):
   for arm in arms:
     config = module.get_config(f"{arm.args},scale={scale},seed=1")
     assert config.seed == 1
-    assert config.train.num_steps == module.STEPS[scale]
+    steps = getattr(module, "steps_of", lambda args, scale: None)(
+      arm.args, scale
+    )
+    assert config.train.num_steps == (steps or module.STEPS[scale])
     TransformerConfig.from_config(config, 256)  # validates the MoE config
   evals = {a.name: a.evals for a in suite.arms_at(scale)}
   for claim in suite.claims:
@@ -294,6 +297,8 @@ def test_smoke_all_suites(tmp_path, capsys):
       )["runs"]
       if r["arm"] == arm.name
     )
+  for name in ("upcycle", "finetune"):
+    _check_sources_trained_first(name, tmp_path)
   capsys.readouterr()
   reproduce.main(args)
   assert "] " not in "".join(
@@ -301,6 +306,36 @@ def test_smoke_all_suites(tmp_path, capsys):
     for line in capsys.readouterr().out.splitlines()
     if line.startswith("[")
   ), "a finished arm was trained again"
+
+
+def _check_sources_trained_first(name, tmp_path):
+  """In the smoke sweep of a suite whose arms start from other arms, the
+  sources trained first and each dependent started from its source's last
+  checkpoint (its run_info.json)."""
+  runs = tmp_path / "runs"
+  module = reproduce.load_suite(name)
+  results = json.loads(
+    (tmp_path / "results" / name / "results.json").read_text()
+  )
+  arms = module.SUITE.arms_at("smoke")
+  assert [r["arm"] for r in results["runs"]] == [a.name for a in arms]
+  for arm in arms:
+    run = next(r for r in results["runs"] if r["arm"] == arm.name)
+    info = json.loads(
+      (
+        runs / "smoke" / name / arm.name / "seed_0" / "run_info.json"
+      ).read_text()
+    )
+    if arm.init_from:
+      source = runs / "smoke" / name / arm.init_from / "seed_0"
+      got = info["init_from"]
+      assert got["source"].startswith(str(source / "checkpoints"))
+      assert got["source_step"] == module.steps_of(
+        f"arm={arm.init_from}", "smoke"
+      )
+      assert got["upcycled"] == (arm.name == "upcycled")
+    for key in arm.evals:
+      assert np.isfinite(run["summary"][f"eval_loss@{key}"])
 
 
 def test_plan_prints_predicted_costs(tmp_path, capsys):
@@ -388,3 +423,99 @@ def test_gpu_scale_arm_trains_one_step_at_reduced_size(name, tmp_path):
   config.model.moe.group_size = 64
   rows = tiny.train_briefly(config, 1)
   assert np.isfinite(rows[0]["loss"])
+
+
+# ---- arms that start from other arms (Arm.init_from) -------------------------
+
+
+def _chain_suite(claims=None):
+  return Suite(
+    "chain",
+    "t",
+    "q",
+    lambda scale: [
+      Arm("a", "x=1"),
+      Arm("b", "x=2", init_from="a"),
+      Arm("c", "x=3", init_from="b"),
+      Arm("d", "x=4"),
+    ],
+    {"smoke": 1, "cpu": 2},
+    claims or [Claim("k", "t", "s", "p", "eval_loss", "c", "d", "<", 0.1)],
+  )
+
+
+def test_depend_smoke_keeps_the_sources_in_order():
+  # the first claim compares c and d; c starts from b, b from a
+  assert [a.name for a in _chain_suite().arms_at("smoke")] == [
+    "a",
+    "b",
+    "c",
+    "d",
+  ]
+  other = [Claim("k", "t", "s", "p", "eval_loss", "a", "d", "<", 0.1)]
+  assert [a.name for a in _chain_suite(other).arms_at("smoke")] == ["a", "d"]
+
+
+def test_depend_source_must_be_listed_before():
+  suite = Suite(
+    "s",
+    "t",
+    "q",
+    lambda scale: [Arm("b", "", init_from="a"), Arm("a", "")],
+    {"cpu": 1},
+    [],
+  )
+  with pytest.raises(ValueError, match="init_from='a', which is not an arm"):
+    suite.arms_at("cpu")
+  typo = Suite("s", "t", "q", lambda s: [Arm("b", "", init_from="z")], {}, [])
+  with pytest.raises(ValueError, match="init_from='z'"):
+    typo.arms_at("cpu")
+
+
+def test_depend_jobs_name_the_source_workdir(tmp_path):
+  module = reproduce.load_suite("upcycle")
+  jobs = reproduce.jobs_of(module, "cpu", 2, tmp_path)
+  by = {(j.arm.name, j.seed): j for j in jobs}
+  source = tmp_path / "cpu" / "upcycle" / "dense_pretrain" / "seed_1"
+  assert by[("dense_pretrain", 1)].workdir == source
+  assert by[("upcycled", 1)].arg.endswith(f",init_from={source}")
+  config = module.get_config(by[("upcycled", 1)].arg)
+  assert config.init_from == str(source) and config.init_upcycle
+  assert config.seed == 1 and config.model.moe.num_experts == 8
+  dense = module.get_config(by[("dense_continue", 1)].arg)
+  assert dense.init_from == str(source) and not dense.init_upcycle
+  assert "init_from" not in by[("moe_scratch", 1)].arg
+  with pytest.raises(SystemExit, match="cannot be passed as init_from"):
+    reproduce.jobs_of(module, "cpu", 1, tmp_path / "a,b")
+
+
+def test_depend_waits_for_an_unfinished_source(tmp_path, monkeypatch, capsys):
+  """A source that diverged is recorded; its dependents are not run (a
+  later sweep tries them again)."""
+  ran = []
+
+  def fake_run(module, job):
+    ran.append(job.arm.name)
+    return {
+      "arm": job.arm.name,
+      "seed": job.seed,
+      "config": job.config_path,
+      "workdir": str(job.workdir),
+      "status": "diverged" if job.arm.name == "dense_pretrain" else "finished",
+      "seconds": 0.0,
+      "summary": {},
+    }
+
+  monkeypatch.setattr(reproduce, "run_job", fake_run)
+  reproduce.main(
+    [
+      "--suite=upcycle",
+      "--scale=smoke",
+      "--no_probe",
+      f"--results={tmp_path / 'results'}",
+      f"--runs={tmp_path / 'runs'}",
+    ]
+  )
+  assert ran == ["dense_pretrain"]
+  out = capsys.readouterr().out
+  assert "upcycled seed 0 waits: the run it starts from, dense_pretrain" in out
