@@ -358,8 +358,17 @@ def _finished(results: dict, arm: str, seed: int) -> bool:
 # The report.
 
 
-def values_of(results: dict, arm: str, metric: str, derived: dict) -> list:
-  """The per-seed values of `metric` for `arm` (NaN where a run lacks it)."""
+def values_of(
+  results: dict, arm: str, metric: str, derived: dict, required=False
+) -> list:
+  """The per-seed values of `metric` for `arm`: NaN where a run lacks it.
+
+  Raises:
+    ValueError: with `required` (a claim's metric), a finished run's summary
+      lacks `metric`: the claim names a metric that evaluation does not
+      produce, and would read "inconclusive" whatever the runs measured. A
+      run that did not finish (a diverged run has no loss) reads NaN.
+  """
   out = []
   for run in results["runs"]:
     if run["arm"] != arm:
@@ -372,6 +381,11 @@ def values_of(results: dict, arm: str, metric: str, derived: dict) -> list:
         value = None
     else:
       value = summary.get(metric)
+    if value is None and required and run.get("status") == "finished":
+      raise ValueError(
+        f"metric {metric!r} is not in the summary of the finished run "
+        f"{arm} seed {run.get('seed')}; its metrics: {sorted(summary)}."
+      )
     out.append(np.nan if value is None else float(value))
   return out
 
@@ -380,8 +394,8 @@ def decide(suite: Suite, results: dict) -> list[dict]:
   rows = []
   for claim in suite.claims:
     right_metric = claim.right_metric or claim.metric
-    left = values_of(results, claim.left, claim.metric, suite.derived)
-    right = values_of(results, claim.right, right_metric, suite.derived)
+    left = values_of(results, claim.left, claim.metric, suite.derived, True)
+    right = values_of(results, claim.right, right_metric, suite.derived, True)
     rows.append(
       {
         "claim": dataclasses.asdict(claim),

@@ -519,3 +519,43 @@ def test_depend_waits_for_an_unfinished_source(tmp_path, monkeypatch, capsys):
   assert ran == ["dense_pretrain"]
   out = capsys.readouterr().out
   assert "upcycled seed 0 waits: the run it starts from, dense_pretrain" in out
+
+
+def test_a_claim_metric_no_finished_run_has_is_an_error():
+  """A claim reading a metric that evaluation does not write would read
+  "inconclusive" whatever the runs measured (F4 once read `max_violation`,
+  which only training logs): decide() names it. A diverged run has no
+  values and stays a result."""
+  suite = Suite(
+    "s",
+    "t",
+    "q",
+    lambda scale: [Arm("a", ""), Arm("b", "")],
+    {"smoke": 1},
+    [Claim("k", "t", "s", "p", "max_violation", "a", "b", "<", 0.1)],
+  )
+  summary = {"eval_loss": 2.0, "max_violation_global": 0.5}
+  results = {
+    "runs": [
+      {"arm": "a", "seed": 0, "status": "finished", "summary": summary},
+      {"arm": "b", "seed": 0, "status": "finished", "summary": summary},
+    ]
+  }
+  with pytest.raises(ValueError, match="'max_violation'.*finished run a"):
+    reproduce.decide(suite, results)
+  results["runs"][0] = {
+    "arm": "a",
+    "seed": 0,
+    "status": "diverged",
+    "summary": {},
+  }
+  with pytest.raises(ValueError, match="finished run b"):
+    reproduce.decide(suite, results)
+  results["runs"][1] = {
+    "arm": "b",
+    "seed": 0,
+    "status": "diverged",
+    "summary": {},
+  }
+  (row,) = reproduce.decide(suite, results)
+  assert row["verdict"] == "inconclusive"

@@ -266,7 +266,7 @@ CLAIMS = [
     "routing (traffic goes to fewer experts).",
     "ST-MoE §4 and Table 5 (the auxiliary loss kept while fine-tuning)",
     "with the aux loss 86.5 vs 85.7 SuperGLUE (CF 0.75 / 2.0)",
-    "max_violation",
+    "max_violation_global",
     "moe_ft_noaux",
     "moe_ft",
     ">",

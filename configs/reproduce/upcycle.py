@@ -26,7 +26,7 @@ dense run's Adam moments (the router has none), so the dense continuation
 does not get them either. Every arm sees the same batches per step (the
 seed's order) of the same code + prose mixture; all are evaluated on the
 same held-out documents. At the cpu scale D = 1200 and E = 800 steps
-(about 3.3M tokens in all); Komatsuzaki et al. upcycle T5 and ViT models
+(about 4.1M tokens in all: 2,000 steps of 16 x 128); Komatsuzaki et al. upcycle T5 and ViT models
 after ~1M dense steps, with extra budgets of 10-100% of that.
 
 One arm alone (the upcycled one needs the dense run's workdir):
