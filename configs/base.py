@@ -175,6 +175,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.freeze = ()
   # The router's parameters learn at learning_rate x this (ST-MoE §4).
   config.optimizer.router_learning_rate_multiplier = 1.0
+  # A step whose loss terms or gradient norm are not finite: "stop" the run
+  # (errors.DivergenceError) | "skip" it (optax.apply_if_finite: params,
+  # optimizer state and router state stay as they were; the step counter
+  # and the data move on) until more than max_consecutive_nonfinite_skips
+  # steps in a row are, which stops the run as "stop" does.
+  config.optimizer.on_nonfinite = "stop"
+  config.optimizer.max_consecutive_nonfinite_skips = 5
 
   # ---- mesh: devices as (data, expert, model); see moe_jax.sharding and the
   # README's "Distributed training". All 1s: one device, no mesh.

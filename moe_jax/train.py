@@ -40,7 +40,13 @@ the test named; see also the README's "Guarantees"):
   {"step": N, "event": "diverged", "terms": [...]} row in metrics.jsonl,
   and a newest checkpoint from before step N: the steps that checkpoint (or
   evaluate) read their own loss before saving (test_divergence_names_step_
-  and_terms_and_keeps_a_finite_checkpoint).
+  and_terms_and_keeps_a_finite_checkpoint). With optimizer.on_nonfinite =
+  "skip" such a step is skipped instead (`optax.apply_if_finite`): params,
+  optimizer state and router state stay bit-identical, the step counter and
+  the data move on, a {"step": N, "event": "skipped_nonfinite", "terms":
+  [...]} row is logged and train/skipped_nonfinite_steps counts them; more
+  than optimizer.max_consecutive_nonfinite_skips in a row stop the run as
+  above, at the first step past the limit (test_skip_nonfinite_*).
 * Fine-tuning. With config.init_from a fresh run starts from another run's
   checkpoint (`finetune.initialize`: all of config.init_restore or, on any
   mismatch, a ConfigError naming the paths before anything is written;
@@ -123,10 +129,41 @@ class TrainState:
   router_state: Any
 
 
+# optimizer.on_nonfinite: what a step with a non-finite loss term or
+# gradient norm does (see `make_optimizer` and `train_step`).
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def nonfinite_skip_limit(opt: ml_collections.ConfigDict) -> int | None:
+  """optimizer.max_consecutive_nonfinite_skips when optimizer.on_nonfinite
+  is "skip", None when it is "stop" (configs older than the keys: "stop").
+
+  Raises:
+    ConfigError: on_nonfinite is not one of NONFINITE_POLICIES, or the
+      limit is not an integer >= 1.
+  """
+  policy = opt.get("on_nonfinite", "stop")
+  if policy not in NONFINITE_POLICIES:
+    raise errors.ConfigError(
+      f"optimizer.on_nonfinite={policy!r}; allowed: "
+      f"{', '.join(repr(p) for p in NONFINITE_POLICIES)}."
+    )
+  limit = opt.get("max_consecutive_nonfinite_skips", 5)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    raise errors.ConfigError(
+      f"optimizer.max_consecutive_nonfinite_skips={limit!r} must be an "
+      "integer >= 1."
+    )
+  return limit if policy == "skip" else None
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
   """AdamW with linear warmup, then cosine/linear decay (or constant);
   with optimizer.freeze or optimizer.router_learning_rate_multiplier, the
-  groups of `finetune.grouped_optimizer`."""
+  groups of `finetune.grouped_optimizer`. With optimizer.on_nonfinite =
+  "skip", all of it wrapped in `optax.apply_if_finite` (its state, and so
+  the checkpoint's opt_state, gains the counters of non-finite steps)."""
+  max_skips = nonfinite_skip_limit(opt)
   peak, warmup = opt.learning_rate, opt.warmup_steps
   end = peak * opt.final_learning_rate_fraction
   decay_steps = max(num_steps - warmup, 1)
@@ -160,6 +197,8 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
     tx = optax.chain(clip, adamw(schedule))
   else:  # frozen groups or a router learning rate (optimizer.freeze, ...)
     tx = finetune.grouped_optimizer(opt, clip, adamw, schedule)
+  if max_skips is not None:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=max_skips)
   return tx, schedule
 
 
@@ -241,10 +280,28 @@ def compute_loss(
   return total, (logged, sown.get("router_state", router_state or {}))
 
 
-def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
+def train_step(
+  state, batch, *, model, tx, schedule, loss_config, seed, max_skips=None
+):
   """One optimizer step; randomness derived from (seed, step). The
   router_state (DeepSeek bias) moves after the step, from this batch's load,
-  outside the optimizer; this step routed with the bias of steps < t."""
+  outside the optimizer; this step routed with the bias of steps < t.
+
+  With `max_skips` (optimizer.on_nonfinite="skip"; `tx` is then wrapped in
+  `optax.apply_if_finite(inner, max_skips)`), a step whose loss terms
+  (loss, lm_loss, aux/<name>) or gradient norm are not finite is skipped:
+  its gradients are made NaN, so that apply_if_finite, which looks at the
+  gradients only, rejects the update and keeps the inner optimizer state,
+  and the params and router_state are selected from before the step
+  (jnp.where: bit-identical, no host sync). state.step and the data still
+  move on. The (max_skips + 1)-th such step in a row is applied, as
+  apply_if_finite does; the trainer stops the run at it
+  (`_SkippedSteps`). Logged then: skipped_nonfinite_steps (so far, this
+  step included) and consecutive_nonfinite_steps (0 after a finite step);
+  learning_rate is the schedule at the count of applied steps, which the
+  optimizer's schedule counts by (it stays behind state.step by the number
+  of skipped steps).
+  """
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
   names = ("jitter", "routing", "dropout")
   rngs = dict(zip(names, jax.random.split(step_key, len(names))))
@@ -257,17 +314,57 @@ def train_step(state, batch, *, model, tx, schedule, loss_config, seed):
   (_, (logged, router_state)), grads = grad_fn(
     state.params, batch, rngs, router_state=state.router_state
   )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   logged["grad_norm"] = optax.tree.norm(grads)
-  logged["learning_rate"] = schedule(state.step)
+  if max_skips is None:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    logged["learning_rate"] = schedule(state.step)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      router_state=router_state,
+    )
+    return new_state, logged
+
+  finite = jnp.all(
+    jnp.stack([jnp.isfinite(logged[name]) for name in _loss_term_names(logged)])
+  )
+  grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  skipped = ~opt_state.last_finite & (opt_state.notfinite_count <= max_skips)
+
+  def unless_skipped(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
+
+  logged["learning_rate"] = schedule(
+    state.step - _skipped_so_far(state.opt_state, max_skips)
+  )
+  logged["skipped_nonfinite_steps"] = _skipped_so_far(opt_state, max_skips)
+  logged["consecutive_nonfinite_steps"] = opt_state.notfinite_count
   new_state = state.replace(
     step=state.step + 1,
-    params=params,
+    params=unless_skipped(
+      optax.apply_updates(state.params, updates), state.params
+    ),
     opt_state=opt_state,
-    router_state=router_state,
+    router_state=unless_skipped(router_state, state.router_state),
   )
   return new_state, logged
+
+
+def _loss_term_names(names) -> list[str]:
+  """Those of the metric `names` whose non-finite value is a divergence:
+  loss, lm_loss, aux/<name> (the z-loss is aux/router_z_loss), grad_norm."""
+  aux = sorted(k for k in names if k.startswith("aux/"))
+  return ["loss", "lm_loss", *aux, "grad_norm"]
+
+
+def _skipped_so_far(opt_state: optax.ApplyIfFiniteState, max_skips: int):
+  """The steps apply_if_finite rejected: its count of non-finite steps
+  less those past max_skips in a row, which it applied."""
+  applied = jnp.maximum(opt_state.notfinite_count - max_skips, 0)
+  return opt_state.total_notfinite - applied
 
 
 def bind_train_step(config, model, tx, schedule):
@@ -280,6 +377,7 @@ def bind_train_step(config, model, tx, schedule):
     schedule=schedule,
     loss_config=config.loss,
     seed=config.seed,
+    max_skips=nonfinite_skip_limit(config.optimizer),
   )
 
 
@@ -429,6 +527,15 @@ def train_and_evaluate(
     model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
     tx, schedule = make_optimizer(config.optimizer, num_steps)
   changes = writers.check_config_change(workdir, config, allow_config_change)
+  for change in changes:
+    if change.key == "optimizer.on_nonfinite" and change.added:
+      if change.new != "stop":
+        raise errors.ConfigError(
+          f"optimizer.on_nonfinite={change.new!r} in {workdir}, whose run "
+          "began without the key (as 'stop'): its checkpoints' optimizer "
+          "state holds no counters of non-finite steps. Start the run in a "
+          "new workdir (or keep 'stop')."
+        )
   writers.check_workdir(workdir)
 
   # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
@@ -512,6 +619,8 @@ def train_and_evaluate(
   # diverged state is never evaluated or saved. On any exit (a crash,
   # Ctrl-C) the checkpoint in flight is finished.
   pending, last_eval, tick = None, {}, time.perf_counter()
+  max_skips = nonfinite_skip_limit(config.optimizer)
+  skips = None if max_skips is None else _SkippedSteps(max_skips)
   # The bar counts steps whose metrics were read back, i.e. finished on the
   # device, not steps dispatched (the host runs up to log_every steps
   # ahead). It redraws at each update (mininterval=0), so that `unpause`
@@ -528,10 +637,12 @@ def train_and_evaluate(
   try:
     for step in range(start, num_steps):
       state, logged = step_fn(state, layout.put_batch(next(train_iter)))
-      if pending is not None:
-        _report(writer, bar, ckpt, *pending)
-        pending = None
       done = step + 1
+      if skips is not None:
+        skips.add(done, logged)
+      if pending is not None:
+        _report(writer, bar, ckpt, *pending, skips)
+        pending = None
       evaluating = done % config.train.eval_every == 0 or done == num_steps
       saving = ckpt.should_save(done, force=done == num_steps)
       if done % config.train.log_every == 0 or done == num_steps:
@@ -539,10 +650,11 @@ def train_and_evaluate(
         tick = time.perf_counter()
       if evaluating or saving:
         if pending is not None:
-          _report(writer, bar, ckpt, *pending)
+          _report(writer, bar, ckpt, *pending, skips)
           pending = None
         else:
-          _check_finite(writer, ckpt, done, _host_metrics("train", logged))
+          host = _host_metrics("train", logged)
+          _check_finite(writer, ckpt, done, host, skips)
           bar.update(done - bar.n)
       if saving:
         _check_state_finite(writer, ckpt, done, state)
@@ -557,7 +669,7 @@ def train_and_evaluate(
       if evaluating or saving:
         bar.unpause()
     if pending is not None:
-      _report(writer, bar, ckpt, *pending)
+      _report(writer, bar, ckpt, *pending, skips)
   finally:
     bar.close()
     ckpt.close()
@@ -613,9 +725,9 @@ def _describe(change: writers.ConfigChange) -> str:
   return f"{change.key}: {change.old!r} -> {change.new!r}{note}"
 
 
-def _report(writer, bar, ckpt, step, logged, seconds):
+def _report(writer, bar, ckpt, step, logged, seconds, skips=None):
   host = _host_metrics("train", logged)
-  _check_finite(writer, ckpt, step, host)
+  _check_finite(writer, ckpt, step, host, skips)
   host["train/seconds_since_last_log"] = seconds
   writer.write(step, host)
   bar.set_postfix(loss=f"{host['train/lm_loss']:.3f}", refresh=False)
@@ -639,21 +751,81 @@ def _diverged(writer, ckpt, step: int, terms: list[str], what: str):
   )
 
 
-def _check_finite(writer, ckpt, step: int, host: dict):
-  """Raises DivergenceError naming each non-finite loss term of `host` (the
-  "train/" metrics of `step`): lm_loss, each aux/<name> loss (the z-loss is
-  aux/router_z_loss), grad_norm; the total loss only when no term is."""
-  names = [
-    "lm_loss",
-    *sorted(k[6:] for k in host if k.startswith("train/aux/")),
-  ]
-  names.append("grad_norm")
+def _nonfinite_terms(host: dict) -> list[str]:
+  """The non-finite loss terms of `host` (the "train/" metrics of a step):
+  lm_loss, each aux/<name> loss, grad_norm; the total loss only when no
+  term is."""
+  names = [n for n in _loss_term_names(_host_names(host)) if n != "loss"]
   bad = [n for n in names if not np.isfinite(host[f"train/{n}"])]
   if not bad and not np.isfinite(host["train/loss"]):
     bad = ["loss"]
+  return bad
+
+
+def _host_names(host: dict) -> list[str]:
+  """The names of `host`'s "train/" metrics without the prefix."""
+  return [k.removeprefix("train/") for k in host if k.startswith("train/")]
+
+
+def _values(host: dict, terms: list[str]) -> str:
+  return ", ".join(f"{n}={host[f'train/{n}']}" for n in terms)
+
+
+def _check_finite(writer, ckpt, step: int, host: dict, skips=None):
+  """Raises DivergenceError naming each non-finite loss term of `host` (the
+  "train/" metrics of `step`; see `_nonfinite_terms`). With `skips`
+  (optimizer.on_nonfinite="skip") the steps up to `step` are first checked
+  by `_SkippedSteps.check`: a skipped `step` is no divergence."""
+  if skips is not None and skips.check(writer, ckpt, step):
+    return
+  bad = _nonfinite_terms(host)
   if bad:
-    what = ", ".join(f"{n}={host[f'train/{n}']}" for n in bad)
-    _diverged(writer, ckpt, step, bad, what)
+    _diverged(writer, ckpt, step, bad, _values(host, bad))
+
+
+class _SkippedSteps:
+  """The host's side of optimizer.on_nonfinite="skip", without a host sync
+  per step: it keeps each step's metrics (device arrays) until the next
+  step the loop reads back anyway (a logging, evaluation or checkpoint
+  step), then reads their consecutive_nonfinite_steps together. Each
+  skipped step gets a {"step": N, "event": "skipped_nonfinite", "terms":
+  [...]} row; the first step past `max_skips` in a row stops the run as a
+  divergence at that step. Every step up to a checkpoint is checked before
+  it is saved, so a resumed run logs the same rows."""
+
+  def __init__(self, max_skips: int):
+    self.max_skips = max_skips
+    self._unread: list[tuple[int, dict]] = []
+
+  def add(self, step: int, logged: dict):
+    """Keeps the metrics of `step` (the state.step after it) unread."""
+    self._unread.append((step, logged))
+
+  def check(self, writer, ckpt, upto: int) -> bool:
+    """Logs the skipped steps <= `upto` and raises DivergenceError at a step
+    past the limit; returns whether step `upto` was skipped."""
+    steps = [(s, m) for s, m in self._unread if s <= upto]
+    self._unread = [(s, m) for s, m in self._unread if s > upto]
+    runs = jax.device_get([m["consecutive_nonfinite_steps"] for _, m in steps])
+    skipped = set()
+    for (step, logged), run in zip(steps, runs):
+      if run == 0:
+        continue
+      host = _host_metrics("train", logged)
+      terms = _nonfinite_terms(host)
+      if run > self.max_skips:
+        _diverged(
+          writer,
+          ckpt,
+          step,
+          terms,
+          f"{_values(host, terms)} ({int(run)} non-finite steps in a row, "
+          "more than optimizer.max_consecutive_nonfinite_skips="
+          f"{self.max_skips})",
+        )
+      writer.write_event(step, "skipped_nonfinite", terms=terms)
+      skipped.add(step)
+    return upto in skipped
 
 
 @jax.jit

@@ -19,6 +19,7 @@ from moe_jax.models import TransformerConfig, TransformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
+import deepseek_v3  # noqa: E402
 import switch_top1  # noqa: E402
 import tiny  # noqa: E402  (pytest puts tests/ on sys.path)
 
@@ -526,6 +527,220 @@ def test_divergence_names_step_and_terms_and_keeps_a_finite_checkpoint(
   assert int(state.step) == first - 1
   for leaf in jax_leaves(state):
     assert np.all(np.isfinite(leaf))
+
+
+class _PoisonedIterator:
+  """Wraps the train iterator; the batches of the (1-based) steps in `bad`
+  get a NaN in their loss mask, which makes lm_loss and every gradient NaN
+  and leaves the aux losses finite (the model reads only mask > 0)."""
+
+  def __init__(self, inner, bad):
+    self.inner, self.bad, self.step = inner, set(bad), 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.step += 1
+    if self.step in self.bad:
+      batch = dict(batch, mask=np.array(batch["mask"], copy=True))
+      batch["mask"][0, 0] = np.nan
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def _poison(monkeypatch, bad):
+  make_iterator = data.create_train_iterator
+  monkeypatch.setattr(
+    data,
+    "create_train_iterator",
+    lambda *a, **k: _PoisonedIterator(make_iterator(*a, **k), bad),
+  )
+
+
+def _state_at(workdir, config, step):
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  tx, _ = train.make_optimizer(config.optimizer, config.train.num_steps)
+  template = train.init_state(
+    config, model, tx, data.create_eval_batches(config.data)[0]
+  )
+  from moe_jax.checkpoint import Checkpointer
+
+  ckpt = Checkpointer(
+    f"{workdir}/checkpoints", max_to_keep=5, save_interval_steps=1
+  )
+  state, _ = ckpt.restore(template, step)
+  ckpt.close()
+  return state
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_skip_nonfinite_leaves_the_state_and_the_bias_unchanged(
+  tmp_path, data_dir, monkeypatch
+):
+  """optimizer.on_nonfinite="skip" and a NaN loss at step 3 of 6 (between
+  logging steps 2 and 4): the run finishes; the checkpoint after step 3
+  equals the one after step 2 bit for bit (params, Adam state, the DeepSeek
+  bias) but its step; one skipped_nonfinite event names lm_loss and
+  grad_norm; the count reads 1. The final state equals that of a plain
+  loop without the skipping code that trains on the same batches less
+  batch 3 (the steps draw no randomness: no jitter, no dropout), to float32
+  rounding."""
+  config = tiny.shrink(
+    deepseek_v3.get_config(),
+    data_dir,
+    num_steps=6,
+    log_every=2,
+    eval_every=100,
+    checkpoint_every=100,
+    keep_checkpoint_steps=(2, 3),
+  )
+  config.model.moe.update(
+    num_experts=8, expert_dim=16, top_k=2, shared_expert_dim=16
+  )
+  config.model.moe.bias_update_rate = 1e-2
+  config.optimizer.on_nonfinite = "skip"
+  config.optimizer.max_consecutive_nonfinite_skips = 1
+  _poison(monkeypatch, bad=[3])
+  train.train_and_evaluate(config, str(tmp_path))
+
+  rows = writers.read_metrics(str(tmp_path))
+  events = [r for r in rows if "event" in r]
+  assert events == [
+    {"step": 3, "event": "skipped_nonfinite", "terms": ["lm_loss", "grad_norm"]}
+  ]
+  train_rows = {r["step"]: r for r in rows if "train/loss" in r}
+  assert sorted(train_rows) == [2, 4, 6]
+  assert train_rows[2]["train/skipped_nonfinite_steps"] == 0
+  assert train_rows[6]["train/skipped_nonfinite_steps"] == 1
+  assert train_rows[6]["train/consecutive_nonfinite_steps"] == 0
+
+  before, after = _state_at(tmp_path, config, 2), _state_at(tmp_path, config, 3)
+  assert (int(before.step), int(after.step)) == (2, 3)
+  _assert_trees_equal(after.params, before.params)
+  _assert_trees_equal(after.router_state, before.router_state)
+  _assert_trees_equal(after.opt_state.inner_state, before.opt_state.inner_state)
+  assert int(after.opt_state.notfinite_count) == 1
+  assert int(after.opt_state.total_notfinite) == 1
+  final = _state_at(tmp_path, config, 6)
+  bias = [s.router_state["layer_01"]["moe"]["bias"] for s in (before, final)]
+  assert np.any(np.asarray(bias[1]) != np.asarray(bias[0]))  # it moves
+
+  # The reference: the same batches but the third, "stop" (no
+  # apply_if_finite, no jnp.where), 5 steps on the schedule of 6.
+  plain = ml_collections.ConfigDict(config.to_dict())
+  plain.optimizer.on_nonfinite = "stop"
+  model = TransformerLM(TransformerConfig.from_config(plain, data.VOCAB_SIZE))
+  tx, schedule = train.make_optimizer(plain.optimizer, 6)
+  monkeypatch.undo()
+  batches = data.create_train_iterator(plain.data, seed=plain.seed)
+  batches = [next(batches) for _ in range(6)]
+  state = train.init_state(plain, model, tx, batches[0])
+  step_fn = jax.jit(train.bind_train_step(plain, model, tx, schedule))
+  for batch in batches[:2] + batches[3:]:
+    state, _ = step_fn(state, batch)
+  # Two XLA programs (the reference has no cond and no where): the same
+  # arithmetic up to a few float32 ulps (2e-6 relative seen); an applied
+  # step 3 would move the parameters by about the learning rate, 1e-3. Not
+  # the attention key biases: their gradient is 0 but for rounding (q.b is
+  # the same for every key of a query: softmax ignores it), which Adam
+  # scales up to steps of the learning rate; they differ by that noise.
+  for tree, reference in (
+    (final.params, state.params),
+    (final.router_state, state.router_state),
+  ):
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    for (path, x), y in zip(flat, jax_leaves(reference), strict=True):
+      if "['key']['bias']" in jax.tree_util.keystr(path):
+        continue
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_nonfinite_stops_past_the_limit_in_a_row(
+  tmp_path, data_dir, monkeypatch
+):
+  """Limit 2, NaN losses at steps 2 and 4, 5, 6: steps 2, 4 and 5 are
+  skipped (a finite step 3 resets the count), step 6 is the third in a row
+  and stops the run as a divergence at step 6, although no step before 8
+  reads its metrics back; the checkpoint of step 4 stays."""
+  config = tiny_config(
+    data_dir, num_steps=8, log_every=8, eval_every=100, checkpoint_every=4
+  )
+  config.optimizer.on_nonfinite = "skip"
+  config.optimizer.max_consecutive_nonfinite_skips = 2
+  _poison(monkeypatch, bad=[2, 4, 5, 6])
+  with pytest.raises(errors.DivergenceError) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  error = stopped.value
+  assert (error.step, error.terms) == (6, ["lm_loss", "grad_norm"])
+  assert "at step 6" in str(error)
+  assert "3 non-finite steps in a row" in str(error)
+  assert "max_consecutive_nonfinite_skips=2" in str(error)
+  events = [r for r in writers.read_metrics(str(tmp_path)) if "event" in r]
+  terms = ["lm_loss", "grad_norm"]
+  assert events == [
+    {"step": 2, "event": "skipped_nonfinite", "terms": terms},
+    {"step": 4, "event": "skipped_nonfinite", "terms": terms},
+    {"step": 5, "event": "skipped_nonfinite", "terms": terms},
+    {"step": 6, "event": "diverged", "terms": terms},
+  ]
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("[0-9]*")]
+  assert saved == [4]
+
+
+def test_nonfinite_stops_by_default(tmp_path, data_dir, monkeypatch):
+  """The default optimizer.on_nonfinite="stop": a single NaN loss at step 3
+  stops the run there; nothing counts skipped steps."""
+  config = tiny_config(
+    data_dir, num_steps=6, log_every=1, eval_every=100, checkpoint_every=100
+  )
+  assert config.optimizer.on_nonfinite == "stop"
+  _poison(monkeypatch, bad=[3])
+  with pytest.raises(errors.DivergenceError) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert (stopped.value.step, stopped.value.terms) == (
+    3,
+    ["lm_loss", "grad_norm"],
+  )
+  rows = writers.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert rows[-1] == {
+    "step": 3,
+    "event": "diverged",
+    "terms": ["lm_loss", "grad_norm"],
+  }
+  assert not any("skipped" in key for r in rows for key in r)
+
+
+def test_on_nonfinite_values_are_checked(tmp_path, data_dir):
+  """An unknown optimizer.on_nonfinite or a limit below 1 is a ConfigError
+  naming the allowed values; "skip" is refused in a workdir whose run began
+  before the key existed (its optimizer state has no counters)."""
+  opt = tiny_config(data_dir).optimizer
+  opt.on_nonfinite = "ignore"
+  with pytest.raises(errors.ConfigError, match="'ignore'; allowed: 'stop', "):
+    train.make_optimizer(opt, 10)
+  opt.on_nonfinite = "skip"
+  for limit in (0, -1):
+    opt.max_consecutive_nonfinite_skips = limit
+    with pytest.raises(errors.ConfigError, match="an integer >= 1"):
+      train.make_optimizer(opt, 10)
+
+  old = tiny_config(data_dir)
+  del old.optimizer["on_nonfinite"]
+  writers.write_run_info(tmp_path, old)
+  skip = tiny_config(data_dir)
+  skip.optimizer.on_nonfinite = "skip"
+  with pytest.raises(errors.ConfigError, match="began without the key"):
+    train.train_and_evaluate(skip, str(tmp_path))
 
 
 def test_every_sown_aux_loss_has_a_weight_or_is_an_error():
