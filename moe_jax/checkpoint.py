@@ -390,6 +390,24 @@ def _unfinished_writes(directory: str) -> list[str]:
   )
 
 
+def finished_steps(directory: str) -> list[int]:
+  """The steps in `directory` whose step directories are finished writes
+  (commit marker and metadata present; their arrays are not read), sorted;
+  readable without a `Checkpointer`, e.g. after a failed save."""
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    if not name.isdigit():
+      continue
+    try:
+      _check_files(os.path.join(directory, name))
+    except ValueError:
+      continue
+    steps.append(int(name))
+  return sorted(steps)
+
+
 def _check_files(step_dir: str):
   """Raises ValueError unless `step_dir` holds orbax's commit marker and a
   readable `_CHECKPOINT_METADATA` (orbax itself reads on without them)."""

@@ -203,6 +203,7 @@ class MoeConfig:
       self._validate()
 
   def _validate(self):
+    errors.check_field_types(self)
     if self.num_experts < 1:
       raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
     scheme = routing.routing_scheme(self.router, self.top_k, self.num_experts)

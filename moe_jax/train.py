@@ -55,10 +55,18 @@ the test named; see also the README's "Guarantees"):
   its_own in tests/test_finetune.py).
 * Errors. A configuration mistake (`errors.ConfigError`: a bad value, an
   unknown key, a config file that does not load, a refused workdir, a
-  workdir that is a file or not writable, a TFDS dataset that is not
-  prepared) is one line on stderr, `error: <message>`, and exit status 2;
-  other exceptions keep their traceback (test_command_line_config_mistakes_
-  are_one_line).
+  workdir that is a file or not writable or whose disk has too little free
+  space for the run's checkpoints, a TFDS dataset that is not prepared) is
+  one line on stderr, `error: <message>`, and exit status 2; other
+  exceptions keep their traceback (test_command_line_config_mistakes_
+  are_one_line). `check_config` validates the whole config before anything
+  is read or compiled (test_a_drawn_config_is_refused_before_compiling_or_
+  trains).
+* Full disk. A disk that fills up mid-run (ENOSPC while a checkpoint or
+  the metric log is written) stops the run with `errors.DiskFullError`
+  (one line, exit status 1) naming the newest checkpoint on disk; the
+  re-run of the same command resumes from the newest good one
+  (test_a_disk_that_fills_mid_run_is_one_clear_error).
 
 The progress bar counts steps whose metrics were read back and leaves
 evaluation and checkpoint time out of its rate; the final summary prints
@@ -77,12 +85,15 @@ same command and jax.distributed joins them. See the README's "Distributed
 training".
 """
 
+import contextlib
 import functools
+import os
+import shutil
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -96,6 +107,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from moe_jax import (
+  checkpoint,
   data,
   errors,
   finetune,
@@ -157,12 +169,42 @@ def nonfinite_skip_limit(opt: ml_collections.ConfigDict) -> int | None:
   return limit if policy == "skip" else None
 
 
+def _is_number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+# optimizer.<key>: (whether a value is allowed, what is allowed), numbers.
+_OPTIMIZER_RANGES = {
+  "learning_rate": (lambda v: 0 < v < float("inf"), "a finite number > 0"),
+  "grad_clip_norm": (lambda v: 0 < v < float("inf"), "a finite number > 0"),
+  "weight_decay": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+  "final_learning_rate_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+  "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+  "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def _check_optimizer_numbers(opt: ml_collections.ConfigDict):
+  """Raises ConfigError unless the numbers of config.optimizer are in
+  `_OPTIMIZER_RANGES` and warmup_steps is an integer >= 0."""
+  for key, (allowed, what) in _OPTIMIZER_RANGES.items():
+    value = opt[key]
+    if not (_is_number(value) and allowed(value)):
+      raise errors.ConfigError(f"optimizer.{key}={value!r} must be {what}.")
+  warmup = opt.warmup_steps
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise errors.ConfigError(
+      f"optimizer.warmup_steps={warmup!r} must be an integer >= 0."
+    )
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
   """AdamW with linear warmup, then cosine/linear decay (or constant);
   with optimizer.freeze or optimizer.router_learning_rate_multiplier, the
   groups of `finetune.grouped_optimizer`. With optimizer.on_nonfinite =
   "skip", all of it wrapped in `optax.apply_if_finite` (its state, and so
   the checkpoint's opt_state, gains the counters of non-finite steps)."""
+  _check_optimizer_numbers(opt)
   max_skips = nonfinite_skip_limit(opt)
   peak, warmup = opt.learning_rate, opt.warmup_steps
   end = peak * opt.final_learning_rate_fraction
@@ -200,6 +242,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int):
   if max_skips is not None:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=max_skips)
   return tx, schedule
+
+
+# How the per-layer auxiliary losses are combined (config.loss.layer_reduction).
+LAYER_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
 
 
 def _layer_values(collection) -> dict[str, jax.Array]:
@@ -263,7 +309,7 @@ def compute_loss(
   )
   lm_loss = jnp.sum(token_losses_BL * mask_BL) / jnp.maximum(mask_BL.sum(), 1)
   aux = _layer_values(sown.get("aux_loss", {}))
-  reduce = {"sum": jnp.sum, "mean": jnp.mean}[loss_config.layer_reduction]
+  reduce = LAYER_REDUCTIONS[loss_config.layer_reduction]
   terms, total = {}, lm_loss
   for name in sorted({key.split("/", 1)[1] for key in aux}):
     per_layer = [v for k, v in aux.items() if k.split("/", 1)[1] == name]
@@ -494,6 +540,86 @@ def check_train_config(train_config: ml_collections.ConfigDict):
     )
 
 
+class CheckedConfig(NamedTuple):
+  """What `check_config` builds from a valid config."""
+
+  layout: sharding.Layout
+  model_config: TransformerConfig
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def check_config(config: ml_collections.ConfigDict) -> CheckedConfig:
+  """Validates every key of a run config, and their combinations, before
+  anything is written, read or compiled (no device computation).
+
+  Checks config.train (`check_train_config`), config.loss
+  (`check_loss_config`), config.data (`data.check_config`: source, sizes,
+  seq_len against the corpus records), the fine-tuning keys and
+  config.optimizer (`finetune.check_config`), config.mesh against the
+  devices and the model (`sharding.Layout.from_config`), config.model
+  (`TransformerConfig` and `layers.MoeConfig`: router, top_k against the
+  experts, capacity factors and rules, dispatch, dtypes, drop orders, ...),
+  the groups against both batches (`check_groups`) and the schedule.
+
+  Raises:
+    errors.ConfigError: naming the first bad key, its value and what is
+      allowed.
+  """
+  with errors.config_errors():
+    check_train_config(config.train)
+    check_loss_config(config.loss)
+    data.check_config(config.data)
+    finetune.check_config(config)
+    layout = sharding.Layout.from_config(config)
+    model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
+    check_groups(config)
+    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+  return CheckedConfig(layout, model_config, tx, schedule)
+
+
+def check_loss_config(loss_config: ml_collections.ConfigDict):
+  """Raises ConfigError unless loss.layer_reduction is one of
+  `LAYER_REDUCTIONS` and every loss.<name>_weight is a finite number >= 0
+  (a negative weight would reward imbalance). The load-balancing loss's
+  name is checked with the model (`layers.MoeConfig`)."""
+  reduction = loss_config.get("layer_reduction", "sum")
+  if reduction not in LAYER_REDUCTIONS:
+    raise errors.ConfigError(
+      f"unknown loss.layer_reduction={reduction!r}; allowed: "
+      f"{sorted(LAYER_REDUCTIONS)}."
+    )
+  for key in sorted(k for k in loss_config.keys() if k.endswith("_weight")):
+    value = loss_config[key]
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float))
+      or not 0 <= value < float("inf")
+    ):
+      raise errors.ConfigError(
+        f"loss.{key}={value!r} must be a finite number >= 0 (0: off)."
+      )
+
+
+def check_groups(config: ml_collections.ConfigDict):
+  """Raises ConfigError unless model.moe.group_size S cuts the tokens of a
+  training batch and of an evaluation batch (batch_size x seq_len) into
+  whole groups: S divides them, or S >= them (one group of all tokens,
+  `shapes.group_size_for`). A dense model (num_experts 0) has no groups."""
+  moe, data_config = config.model.moe, config.data
+  if moe.num_experts <= 0:
+    return
+  L, S = data_config.seq_len, moe.group_size
+  for key in ("batch_size", "eval_batch_size"):
+    tokens = data_config[key] * L
+    if S < tokens and tokens % S:
+      raise errors.ConfigError(
+        f"model.moe.group_size={S} does not divide the {tokens} tokens of a "
+        f"batch (data.{key}={data_config[key]} x data.seq_len={L}); choose "
+        f"a group_size that divides them, or one >= {tokens} (one group)."
+      )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -520,12 +646,7 @@ def train_and_evaluate(
   # ---- The config's validity and the workdir's contract, before anything
   # is written or compiled.
   num_steps = config.train.num_steps
-  with errors.config_errors():
-    check_train_config(config.train)
-    finetune.check_config(config)
-    layout = sharding.Layout.from_config(config)
-    model_config = TransformerConfig.from_config(config, data.VOCAB_SIZE)
-    tx, schedule = make_optimizer(config.optimizer, num_steps)
+  layout, model_config, tx, schedule = check_config(config)
   changes = writers.check_config_change(workdir, config, allow_config_change)
   for change in changes:
     if change.key == "optimizer.on_nonfinite" and change.added:
@@ -537,13 +658,23 @@ def train_and_evaluate(
           "new workdir (or keep 'stop')."
         )
   writers.check_workdir(workdir)
+  model = TransformerLM(model_config)
+  shape_only = {
+    "inputs": np.zeros(
+      (config.data.eval_batch_size, config.data.seq_len), np.int32
+    )
+  }
+  check_disk_space(
+    workdir,
+    config.train,
+    state_bytes(abstract_state(config, model, tx, shape_only, layout)),
+  )
 
   # ---- Data, model, optimizer, devices (one, or the mesh of config.mesh).
   # The data's mistakes (a TFDS dataset that is not prepared, a split that
   # holds no windows...) are the config's: ConfigError names the path.
   with errors.config_errors():
     train_iter, eval_batches = _open_data(config)
-  model = TransformerLM(model_config)
   state = init_state(config, model, tx, eval_batches[0], layout)
   state, init_info = _initialize_from(config, workdir, state)
   step_fn = layout.jit_train_step(
@@ -634,46 +765,55 @@ def train_and_evaluate(
     mininterval=0,
     miniters=1,
   )
+  # A full disk (ENOSPC) while a checkpoint or the metric log is written
+  # becomes one DiskFullError naming the newest checkpoint on disk.
   try:
-    for step in range(start, num_steps):
-      state, logged = step_fn(state, layout.put_batch(next(train_iter)))
-      done = step + 1
-      if skips is not None:
-        skips.add(done, logged)
-      if pending is not None:
-        _report(writer, bar, ckpt, *pending, skips)
-        pending = None
-      evaluating = done % config.train.eval_every == 0 or done == num_steps
-      saving = ckpt.should_save(done, force=done == num_steps)
-      if done % config.train.log_every == 0 or done == num_steps:
-        pending = (done, logged, time.perf_counter() - tick)
-        tick = time.perf_counter()
-      if evaluating or saving:
+    try:
+      for step in range(start, num_steps):
+        state, logged = step_fn(state, layout.put_batch(next(train_iter)))
+        done = step + 1
+        if skips is not None:
+          skips.add(done, logged)
         if pending is not None:
           _report(writer, bar, ckpt, *pending, skips)
           pending = None
-        else:
-          host = _host_metrics("train", logged)
-          _check_finite(writer, ckpt, done, host, skips)
-          bar.update(done - bar.n)
-      if saving:
-        _check_state_finite(writer, ckpt, done, state)
-      if evaluating:
-        last_eval = _host_metrics(
-          "eval", evaluate(eval_fn, eval_variables(state), eval_batches)
-        )
-        last_eval["eval/unigram_baseline"] = baseline
-        writer.write(done, last_eval)
-      if saving:
-        ckpt.save(done, state, train_iter.get_state(), force=True)
-      if evaluating or saving:
-        bar.unpause()
-    if pending is not None:
-      _report(writer, bar, ckpt, *pending, skips)
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
+        evaluating = done % config.train.eval_every == 0 or done == num_steps
+        saving = ckpt.should_save(done, force=done == num_steps)
+        if done % config.train.log_every == 0 or done == num_steps:
+          pending = (done, logged, time.perf_counter() - tick)
+          tick = time.perf_counter()
+        if evaluating or saving:
+          if pending is not None:
+            _report(writer, bar, ckpt, *pending, skips)
+            pending = None
+          else:
+            host = _host_metrics("train", logged)
+            _check_finite(writer, ckpt, done, host, skips)
+            bar.update(done - bar.n)
+        if saving:
+          _check_state_finite(writer, ckpt, done, state)
+        if evaluating:
+          last_eval = _host_metrics(
+            "eval", evaluate(eval_fn, eval_variables(state), eval_batches)
+          )
+          last_eval["eval/unigram_baseline"] = baseline
+          writer.write(done, last_eval)
+        if saving:
+          ckpt.save(done, state, train_iter.get_state(), force=True)
+        if evaluating or saving:
+          bar.unpause()
+      if pending is not None:
+        _report(writer, bar, ckpt, *pending, skips)
+    finally:
+      bar.close()
+      try:
+        ckpt.close()
+      finally:
+        writer.close()
+  except Exception as e:
+    if not errors.is_disk_full(e):
+      raise
+    raise errors.DiskFullError(_disk_full_message(workdir, ckpt, e)) from e
 
   # ---- Final summary.
   if main_process:
@@ -684,6 +824,91 @@ def train_and_evaluate(
       last_eval, baseline, plotting.plot_run(workdir), tokens_per_second
     )
   return last_eval
+
+
+# Room left for what a run writes besides its checkpoints (metrics.jsonl,
+# TensorBoard events, summary.png, orbax's metadata), in bytes.
+DISK_MARGIN_BYTES = 64 * 2**20
+
+
+def state_bytes(state) -> int:
+  """Bytes of the arrays of a train state (concrete or ShapeDtypeStructs):
+  about what one checkpoint of it takes on disk (orbax stores the arrays
+  uncompressed)."""
+  return sum(
+    int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(state)
+  )
+
+
+def _existing_ancestor(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def _directory_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      with contextlib.suppress(OSError):
+        total += os.lstat(os.path.join(root, name)).st_size
+  return total
+
+
+def check_disk_space(
+  workdir: str, train_config: ml_collections.ConfigDict, checkpoint_bytes: int
+):
+  """Raises ConfigError when the workdir's disk cannot hold the run.
+
+  The run keeps train.max_checkpoints_to_keep checkpoints plus those of
+  train.keep_checkpoint_steps, and writes one more before orbax deletes
+  the oldest, each `checkpoint_bytes`; plus DISK_MARGIN_BYTES for the
+  logs. The checkpoints already in <workdir>/checkpoints count as room (a
+  resumed run replaces them).
+  """
+  keep_steps = len(train_config.get("keep_checkpoint_steps", ()))
+  copies = train_config.max_checkpoints_to_keep + keep_steps + 1
+  needed = copies * checkpoint_bytes + DISK_MARGIN_BYTES
+  free = shutil.disk_usage(_existing_ancestor(workdir)).free
+  reusable = _directory_bytes(os.path.join(workdir, "checkpoints"))
+  if free + reusable >= needed:
+    return
+  held = f" (and {reusable:,} in its checkpoints)" if reusable else ""
+  raise errors.ConfigError(
+    f"not enough disk space for --workdir={workdir}: {free:,} bytes free"
+    f"{held}, but the run needs about {needed:,}: {copies} checkpoints "
+    f"(train.max_checkpoints_to_keep={train_config.max_checkpoints_to_keep}"
+    f" + {keep_steps} of train.keep_checkpoint_steps + 1 being written) x "
+    f"{checkpoint_bytes:,} bytes (parameters and optimizer state) + "
+    f"{DISK_MARGIN_BYTES:,} for the logs. Free some space, choose another "
+    "--workdir, or lower train.max_checkpoints_to_keep or "
+    "train.keep_checkpoint_steps."
+  )
+
+
+def _disk_full_message(workdir: str, ckpt: Checkpointer, error) -> str:
+  """What DiskFullError says: the write that failed, the newest checkpoint
+  on disk, and that a re-run resumes from the newest good one."""
+  steps = checkpoint.finished_steps(ckpt.directory)
+  if steps:
+    resume = (
+      f"the newest checkpoint on disk is step {steps[-1]} "
+      f"({ckpt.step_path(steps[-1])}); once there is space, re-run the same "
+      "command: it resumes from the newest good checkpoint"
+    )
+  else:
+    resume = (
+      "no checkpoint was saved yet; once there is space, re-run the same "
+      "command: it starts fresh"
+    )
+  cause = errors.one_line(f"{type(error).__name__}: {error}")[:300]
+  return (
+    f"the disk of --workdir={workdir} is full (No space left on device) "
+    f"while writing the run's checkpoint or metric log; {resume}. "
+    f"({cause})"
+  )
 
 
 def _warn(message: str, limit: int = 400):
@@ -998,6 +1223,9 @@ def main(argv):
     )
   except errors.ConfigError as e:
     _exit_config_error(str(e))
+  except errors.DiskFullError as e:
+    print(f"error: {errors.one_line(str(e))}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Tests of moe_jax.train: learning, exact resumption, the command line."""
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +15,20 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from moe_jax import data, errors, train, writers
+from moe_jax import (
+  data,
+  dispatch,
+  errors,
+  expert_parallel,
+  grouped_matmul,
+  losses,
+  routing,
+  train,
+  writers,
+)
 from moe_jax.models import TransformerConfig, TransformerLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -856,8 +870,6 @@ def test_a_bad_latest_checkpoint_resumes_from_the_previous_good_one(
   run."""
   config, reference, rows, _ = six_steps
   workdir = tmp_path / "run"
-  import shutil
-
   shutil.copytree(reference, workdir)
   _damage_step(workdir / "checkpoints" / "6", how)
   train.train_and_evaluate(config, str(workdir))
@@ -1029,3 +1041,336 @@ def test_a_missing_tfds_dataset_is_a_config_error(tmp_path):
   message = str(refused.value)
   assert "'lm1b' is not prepared" in message
   assert str(tmp_path / "tfds" / "lm1b") in message
+
+
+# ---- Config validation: every drawn config is refused cleanly or trains.
+
+
+def _values(good, bad):
+  """One of `good` (each allowed alone, maybe not with the other keys
+  drawn) or one of `bad`, about as often."""
+  return st.one_of(st.sampled_from(good), st.sampled_from(bad))
+
+
+def _names(*good):
+  """Real names, or a misspelt one no table holds."""
+  return _values(good, ["no_such_name", ""])
+
+
+# config key -> values drawn: the real names and sizes, and values just out
+# of range (0, negative, top_k > experts, None, a wrong type), misspellings.
+_DRAWN = {
+  "model.moe.router": _names(*sorted(routing.ROUTING_SCHEMES)),
+  "model.moe.num_experts": _values([0, 1, 2, 4], [-1, "4"]),
+  "model.moe.top_k": _values([1, 2, 4], [-1, 0, 5, 1.5, None]),
+  "model.moe.capacity_factor": _values([0.5, 1.0, 2.0], [None, -1.0, 0.0]),
+  "model.moe.eval_capacity_factor": _values([1.0, 2.0], [None, 0.0]),
+  "model.moe.capacity_rule": _names(*sorted(routing.CAPACITY_RULES)),
+  "model.moe.min_capacity": _values([0, 4], [-1]),
+  "model.moe.dispatch": _names(*dispatch.DISPATCHERS),
+  "model.moe.grouped_matmul": _names(*grouped_matmul.IMPLEMENTATIONS),
+  "model.moe.priority": _names(*routing.PRIORITIES),
+  "model.moe.eval_priority": _values(["", *routing.PRIORITIES], ["bad"]),
+  "model.moe.second_policy": _names(*routing.SECOND_POLICIES),
+  "model.moe.router_dtype": _values(["float32", "bfloat16"], ["float16"]),
+  "model.moe.eval_router": _values(["", "top_k"], ["switchh", "random"]),
+  "model.moe.allow_noncausal": _values([True, False], ["yes"]),
+  "model.moe.group_size": _values([64, 256, 4096], [-8, 0, 24]),
+  "model.moe.num_shared_experts": _values([0, 1], [-1]),
+  "model.moe.num_expert_groups": _values([1, 2], [3]),
+  "model.moe.expert_dropout_rate": _values([0.0, 0.3], [-0.1, 1.0]),
+  "model.moe.router_jitter": _values([0.0, 0.01], [-0.01, 1.0]),
+  "model.dtype": _values(["float32", "bfloat16"], ["float16"]),
+  "model.dropout_rate": _values([0.0, 0.1], [-0.1, 1.0]),
+  "model.num_heads": _values([1, 2], [0, 3]),
+  "model.activation": _names("relu", "gelu", "silu"),
+  "loss.load_balancing": _names(*sorted(losses.LOAD_BALANCING_LOSSES)),
+  "loss.load_balancing_weight": _values([0.0, 1e-2], [-1e-2, "1e-2"]),
+  "loss.router_z_loss_weight": _values([0.0, 1e-3], [float("nan")]),
+  "loss.layer_reduction": _names("sum", "mean"),
+  "data.seq_len": _values([16, 32, 48], [0, 10_000]),
+  "data.batch_size": _values([2, 8], [0, 3.0]),
+  "data.eval_batch_size": _values([2, 8], [-2]),
+  "mesh.shape": _values(
+    [(1, 1, 1), (-1, 1, 1), (1, 1, -1)],
+    [(1, 2, 1), (2, 1, 1), (1, 1), (0, 1, 1)],
+  ),
+  "mesh.expert_parallel": _names(*expert_parallel.IMPLEMENTATIONS),
+  "optimizer.schedule": _names("cosine", "linear", "constant"),
+  "optimizer.warmup_steps": _values([0, 2], [-1]),
+  "optimizer.learning_rate": _values([1e-3, 3e-3], [-1e-3, 0.0]),
+  "train.max_checkpoints_to_keep": _values([1, 2], [0]),
+}
+
+
+def _tiny_config_with(changes: dict) -> ml_collections.ConfigDict:
+  """The tiny switch_top1 config (one MoE layer) with `changes` ({dotted
+  key: value}) set, whatever their types."""
+  config = tiny.shrink(switch_top1.get_config(), "/nonexistent")
+  config.model.num_layers, config.model.moe_every = 1, 1
+  for key, value in changes.items():
+    *path, leaf = key.split(".")
+    block = config
+    for name in path:
+      block = block[name]
+    with block.ignore_type():
+      block[leaf] = value
+  return config
+
+
+# One to three keys of _DRAWN changed at once.
+_CHANGES = st.lists(
+  st.sampled_from(sorted(_DRAWN)), min_size=1, max_size=3, unique=True
+).flatmap(lambda keys: st.fixed_dictionaries({k: _DRAWN[k] for k in keys}))
+
+
+class _Compiles:
+  """Counts XLA compilations (jax.monitoring's backend-compile event)."""
+
+  count = 0
+
+  @classmethod
+  def listen(cls, event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == jax._src.dispatch.BACKEND_COMPILE_EVENT:
+      cls.count += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_Compiles.listen)
+
+
+def _synthetic_batch(batch_size, seq_len, seed):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, data.VOCAB_SIZE, (batch_size, seq_len + 1))
+  return {
+    "inputs": tokens[:, :-1].astype(np.int32),
+    "targets": tokens[:, 1:].astype(np.int32),
+    "mask": np.ones((batch_size, seq_len), np.float32),
+  }
+
+
+# XLA's fast settings: these programs run once, on a few hundred tokens.
+_QUICK_COMPILE = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def _init_step_and_eval(config, checked, execute):
+  """Initialisation, one train step and one eval step of `config` on random
+  tokens as one program: traced only (jax.eval_shape), or compiled and
+  run when `execute`; (train metrics, eval metrics)."""
+  model = TransformerLM(checked.model_config)
+  d = config.data
+  step = train.bind_train_step(config, model, checked.tx, checked.schedule)
+
+  def init_step_eval(batch, eval_batch):
+    state = train.init_state(config, model, checked.tx, batch, checked.layout)
+    state, logged = step(state, batch)
+    evaluated = train.eval_step(
+      train.eval_variables(state),
+      eval_batch,
+      model=model,
+      loss_config=config.loss,
+    )
+    return logged, evaluated
+
+  batches = (
+    _synthetic_batch(d.batch_size, d.seq_len, 0),
+    _synthetic_batch(d.eval_batch_size, d.seq_len, 1),
+  )
+  if not execute:
+    return jax.eval_shape(init_step_eval, *batches)
+  compiled = (
+    jax.jit(init_step_eval)
+    .lower(*batches)
+    .compile(compiler_options=_QUICK_COMPILE)
+  )
+  return jax.device_get(compiled(*batches))
+
+
+@settings(derandomize=True)  # examples: the conftest profile's
+@given(
+  changes=_CHANGES,
+  execute=st.sampled_from([False, False, False, True]),
+)
+def test_a_drawn_config_is_refused_before_compiling_or_trains(changes, execute):
+  """Random configs over the real key space (routers, top_k against the
+  experts, capacity factors, dispatch, dtypes, drop orders, loss names and
+  weights, group size against the batches, mesh against one device, ...):
+  `train.check_config` raises ConfigError naming a changed key without
+  compiling anything, or the model builds and traces initialisation, a
+  training step and an evaluation step; some of those (`execute`; XLA
+  takes seconds a config) also compile and run them, with finite losses.
+  Any other outcome is a validation gap."""
+  config = _tiny_config_with(changes)
+  compiles = _Compiles.count
+  try:
+    checked = train.check_config(config)
+  except errors.ConfigError as e:
+    assert _Compiles.count == compiles, "validation compiled something"
+    message = str(e)
+    named = [k for k in changes if k.rsplit(".", 1)[-1] in message]
+    assert named, f"{message!r} names none of {sorted(changes)}"
+    event("refused")
+    return
+  assert _Compiles.count == compiles, "validation compiled something"
+  event("executed" if execute else "traced")
+  logged, evaluated = _init_step_and_eval(config, checked, execute)
+  assert {"loss", "lm_loss", "grad_norm"} <= set(logged)
+  assert {"loss", "lm_loss"} <= set(evaluated)
+  if execute:
+    for name, value in {**logged, **evaluated}.items():
+      if "loss" in name:
+        assert np.all(np.isfinite(value)), (name, value)
+
+
+@pytest.mark.parametrize(
+  "key, value, fragment",
+  [
+    # Each raised a TypeError, ZeroDivisionError, KeyError or a ValueError
+    # from inside the first compilation before it was checked up front.
+    ("model.moe.capacity_factor", None, "capacity_factor=None"),
+    ("model.moe.eval_capacity_factor", None, "eval_capacity_factor=None"),
+    ("model.moe.num_experts", "4", "num_experts='4'"),
+    ("model.moe.top_k", 1.5, "top_k=1.5"),
+    ("model.moe.group_size", 24, "group_size=24 does not divide the 256"),
+    ("data.eval_batch_size", 3, "data.eval_batch_size=3"),
+    ("optimizer.learning_rate", 0.0, "optimizer.learning_rate=0.0"),
+    ("optimizer.warmup_steps", -1, "optimizer.warmup_steps=-1"),
+    ("loss.layer_reduction", "max", "loss.layer_reduction='max'"),
+    ("loss.load_balancing_weight", "1e-2", "load_balancing_weight='1e-2'"),
+    # Trained without complaint, to no purpose.
+    ("loss.load_balancing_weight", -0.01, "load_balancing_weight=-0.01"),
+    ("model.dropout_rate", 1.0, "dropout_rate=1.0 must be in [0, 1)"),
+  ],
+)
+def test_each_validation_gap_is_a_config_error(key, value, fragment):
+  """The gaps the drawn configs found, one example each: check_config
+  raises ConfigError naming the key and the value."""
+  changes = {key: value}
+  if key == "data.eval_batch_size":  # 3 x 32 = 96 tokens: no whole groups
+    changes["model.moe.group_size"] = 64
+  with pytest.raises(errors.ConfigError) as refused:
+    train.check_config(_tiny_config_with(changes))
+  assert fragment in str(refused.value)
+
+
+def test_a_dense_model_checks_the_moe_keys_of_its_twin():
+  """num_experts=0 still reads top_k (the dense twin's width): a wrong type
+  is a ConfigError, not a TypeError."""
+  config = _tiny_config_with(
+    {"model.moe.num_experts": 0, "model.moe.top_k": None}
+  )
+  with pytest.raises(errors.ConfigError, match="top_k=None"):
+    train.check_config(config)
+
+
+# ---- The workdir's disk: too small before the start, full mid-run.
+
+
+class _Usage:
+  def __init__(self, free):
+    self.total, self.used, self.free = 10 * free, 9 * free, free
+
+
+def test_too_little_free_disk_is_a_config_error_before_anything_runs(
+  tmp_path, data_dir, monkeypatch
+):
+  """shutil.disk_usage reports 1 MB free: ConfigError naming the free and
+  the needed bytes and the keys that set them, before the data is opened;
+  nothing is left in the workdir. Needed = (max_checkpoints_to_keep 2 + 1
+  in flight) x checkpoint + 64 MiB, a checkpoint being the float32
+  parameters and Adam's two moments (3 x 4 bytes a parameter) plus a few
+  scalars."""
+  config = tiny_config(data_dir)
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jax.ShapeDtypeStruct((8, 32), np.int32)
+  )["params"]
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(1_000_000))
+  monkeypatch.setattr(data, "create_train_iterator", _no_data_wanted)
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.ConfigError) as refused:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(refused.value)
+  assert "1,000,000 bytes free" in message
+
+  def number_after(text):
+    return int(re.search(text + r" ([\d,]+)", message)[1].replace(",", ""))
+
+  per_checkpoint = number_after("x")
+  assert 12 * n_params <= per_checkpoint <= 12 * n_params + 64
+  assert number_after("needs about") == 3 * per_checkpoint + 64 * 2**20
+  assert "train.max_checkpoints_to_keep=2" in message
+  assert "train.keep_checkpoint_steps" in message
+  assert not workdir.exists()
+
+
+def _enospc(path):
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "metrics"])
+def test_a_disk_that_fills_mid_run_is_one_clear_error(
+  tmp_path, data_dir, monkeypatch, capsys, write
+):
+  """ENOSPC while saving the step-4 checkpoint, or while logging step 4's
+  metrics, after a good checkpoint at step 2: DiskFullError (an OSError,
+  errno ENOSPC) saying the disk is full and naming the step-2 checkpoint;
+  the re-run resumes from it."""
+  from moe_jax.checkpoint import Checkpointer
+
+  config = tiny_config(
+    data_dir, num_steps=4, log_every=2, eval_every=4, checkpoint_every=2
+  )
+  workdir = tmp_path / "run"
+  if write == "checkpoint":
+    save = Checkpointer.save
+
+    def failing_save(self, step, *args, **kwargs):
+      if step == 4:
+        raise _enospc(self.step_path(step))
+      return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", failing_save)
+  else:
+    write_row = writers.MetricWriter.write
+
+    def failing_write(self, step, metrics):
+      if step == 4:
+        raise _enospc(self.path)
+      return write_row(self, step, metrics)
+
+    monkeypatch.setattr(writers.MetricWriter, "write", failing_write)
+  with pytest.raises(errors.DiskFullError) as full:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(full.value)
+  assert full.value.errno == errno.ENOSPC
+  assert "is full (No space left on device)" in message
+  step_2 = workdir / "checkpoints" / "2"
+  assert f"the newest checkpoint on disk is step 2 ({step_2})" in message
+  assert "resumes from the newest good checkpoint" in message
+  assert "\n" not in message
+  if write == "checkpoint":
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.train_and_evaluate(config, str(workdir))
+    assert "resuming from step 2" in capsys.readouterr().out
+
+
+def test_is_disk_full_reads_errno_and_tensorstore_messages():
+  assert errors.is_disk_full(_enospc("/x"))
+  try:  # an ENOSPC that another error was raised from
+    try:
+      raise _enospc("/x")
+    except OSError as e:
+      raise RuntimeError("async save failed") from e
+  except RuntimeError as e:
+    assert errors.is_disk_full(e)
+  assert errors.is_disk_full(
+    ValueError("Error writing local file: No space left on device [OS 28]")
+  )
+  assert not errors.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+  assert not errors.is_disk_full(ValueError("something else"))

@@ -17,6 +17,7 @@ layout and `corpus` for what the corpus holds.
 from moe_jax.data.corpus import DOMAINS
 from moe_jax.data.pipeline import (
   TrainIterator,
+  check_config,
   create_eval_batches,
   create_train_iterator,
   unigram_baseline,
@@ -27,6 +28,7 @@ __all__ = [
   "DOMAINS",
   "VOCAB_SIZE",
   "TrainIterator",
+  "check_config",
   "create_eval_batches",
   "create_train_iterator",
   "unigram_baseline",

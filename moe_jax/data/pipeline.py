@@ -104,7 +104,10 @@ def _check_positive_int(data_config, field: str) -> int:
   return int(value)
 
 
-def _check_config(data_config) -> None:
+def check_config(data_config) -> None:
+  """Raises ValueError on a bad key of `config.data` (the source, the
+  sizes, seq_len against the embedded corpus's records, the instruction
+  tasks); reads no data."""
   if data_config.source not in SOURCES:
     raise ValueError(
       f"data.source={data_config.source!r} is not one of {SOURCES}"
@@ -429,7 +432,7 @@ def create_train_iterator(data_config, seed: int) -> TrainIterator:
     A TrainIterator whose `next()` gives inputs/targets int32 [B, L],
     mask float32 [B, L] and domain int32 [B], B = data_config.batch_size.
   """
-  _check_config(data_config)
+  check_config(data_config)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed={seed!r} must be an integer")
   split = _open_split(data_config, corpus.TRAIN)
@@ -448,7 +451,7 @@ def create_eval_batches(data_config) -> list[dict]:
     data_config.num_eval_batches dicts of arrays with B = eval_batch_size;
     the same list on every call, machine and seed.
   """
-  _check_config(data_config)
+  check_config(data_config)
   split = _open_split(data_config, corpus.VALIDATION)
   batch_size = data_config.eval_batch_size
   needed = data_config.num_eval_batches * batch_size
@@ -475,7 +478,7 @@ def unigram_baseline(data_config) -> float:
   Returns:
     The cross-entropy in nats per token.
   """
-  _check_config(data_config)
+  check_config(data_config)
   counts_V = _open_split(data_config, corpus.TRAIN).target_counts()
   log_probs_V = np.log(counts_V + 1.0) - np.log(
     counts_V.sum() + tokenizer.VOCAB_SIZE

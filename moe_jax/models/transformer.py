@@ -75,7 +75,16 @@ def dense_twin_dim(moe: ml_collections.ConfigDict) -> int:
       f"unknown router={moe.router!r}; allowed: "
       f"{sorted(routing.ROUTING_SCHEMES)}."
     )
+  for key in ("top_k", "expert_dim", "num_shared_experts", "shared_expert_dim"):
+    if isinstance(moe[key], bool) or not isinstance(moe[key], int):
+      raise ValueError(f"{key}={moe[key]!r} must be an integer.")
   if routing.ROUTING_SCHEMES[moe.router].family == "expert_choice":
+    if isinstance(moe.capacity_factor, bool) or not isinstance(
+      moe.capacity_factor, (int, float)
+    ):
+      raise ValueError(
+        f"capacity_factor={moe.capacity_factor!r} must be a number."
+      )
     if moe.capacity_rule not in routing.CAPACITY_RULES:
       raise ValueError(
         f"unknown capacity_rule={moe.capacity_rule!r}; allowed: "
@@ -121,12 +130,17 @@ class TransformerConfig:
       self._validate()
 
   def _validate(self):
+    errors.check_field_types(self)
     for name in ("vocab_size", "max_len", "d_model", "num_layers", "mlp_dim"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
     if self.num_heads < 1 or self.d_model % self.num_heads:
       raise ValueError(
         f"num_heads={self.num_heads} must divide d_model={self.d_model}."
+      )
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(
+        f"dropout_rate={self.dropout_rate} must be in [0, 1) (0: none)."
       )
     if self.moe_every < 1:
       raise ValueError(f"moe_every={self.moe_every} must be >= 1.")
@@ -150,6 +164,12 @@ class TransformerConfig:
     mesh = config.get("mesh")
     parallel = {} if mesh is None else {"expert_parallel": mesh.expert_parallel}
     moe_config = None
+    if isinstance(moe.num_experts, bool) or not isinstance(
+      moe.num_experts, int
+    ):
+      raise ValueError(
+        f"num_experts={moe.num_experts!r} must be an integer (0: dense)."
+      )
     if moe.num_experts > 0:
       moe_config = MoeConfig(
         **{k: moe[k] for k in moe.keys()},
