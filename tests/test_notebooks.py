@@ -60,6 +60,7 @@ def test_every_notebook_has_a_source_and_an_ipynb():
     "04_balancing_ablations",
     "05_are_experts_specialists",
     "06_cost_of_published_models",
+    "07_finetuning_and_upcycling",
   } <= names
 
 
@@ -444,3 +445,296 @@ def test_cost_of_published_models(tmp_path):
   )
   want = 2**20 * 2 * 4096 * 2 * 4 * 32 * 7 / 8 / 1e9
   assert float(moved.group(1).replace(",", "")) == pytest.approx(want, abs=1)
+
+
+# ---------------------------------------------------------------------------
+# 07_finetuning_and_upcycling: reads results/ as committed, and a small
+# results/ of made-up numbers with training logs.
+
+
+def _claim_lines(text: str) -> dict:
+  """{claim id: verdict} of the lines "U1: reproduced -- <text>"."""
+  verdicts = "reproduced|not reproduced|inconclusive|not run"
+  return dict(re.findall(rf"^(\w+): ({verdicts}) -- ", text, re.M))
+
+
+def test_finetuning_and_upcycling(tmp_path):
+  text = _execute(NOTEBOOKS / "07_finetuning_and_upcycling.py", tmp_path)
+  for name in ("upcycle", "finetune"):
+    path = REPO / "results" / name / "results.json"
+    if not path.exists():
+      assert f"the {name} suite has not been run yet" in text
+      assert f"--suite={name} --scale=cpu" in text
+      continue
+    results = json.loads(path.read_text())
+    claims = _claim_lines(text)
+    for row in results["claims"]:
+      assert claims[row["claim"]["id"]] == row["verdict"]
+  # The design at the results' scale (cpu without results): the two
+  # continuations start where dense_pretrain ends and end where
+  # moe_scratch ends; tokens = steps x tokens per step.
+  line = re.search(
+    r"^upcycle at scale '(\w+)': D = (\d+) dense steps, E = (\d+) extra "
+    r"steps, ([0-9,]+) tokens per step$",
+    text,
+    re.M,
+  )
+  assert line, text
+  scale, D, E = line.group(1), int(line.group(2)), int(line.group(3))
+  per_step = int(line.group(4).replace(",", ""))
+  if scale == "cpu":  # configs/reproduce/upcycle.py and scales.py
+    assert (D, E, per_step) == (1200, 800, 16 * 128)
+  spans = {
+    arm: (int(a), int(b), int(tokens.replace(",", "")))
+    for arm, a, b, tokens in re.findall(
+      r"^  (\w+): lineage steps (\d+)-(\d+), ([0-9,]+) tokens", text, re.M
+    )
+  }
+  assert spans == {
+    "dense_pretrain": (0, D, D * per_step),
+    "dense_continue": (D, D + E, (D + E) * per_step),
+    "upcycled": (D, D + E, (D + E) * per_step),
+    "moe_scratch": (0, D + E, (D + E) * per_step),
+  }
+
+
+def _claim_row(id_, metric, left, right, verdict, **numbers):
+  """A results.json claim row as `experiments/reproduce.py` writes it."""
+  claim = {
+    "id": id_,
+    "text": f"claim {id_}.",
+    "source": "a paper",
+    "paper": "a number",
+    "metric": metric,
+    "left": left,
+    "right": right,
+    "predicted": "<",
+    "min_effect": 0.01,
+    "caveat": f"caveat of {id_}",
+    "right_metric": "",
+  }
+  return {"claim": claim, "verdict": verdict, "seeds": 1, **numbers}
+
+
+def _write_log(workdir: Path, rows: list[dict]):
+  workdir.mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text(
+    "".join(json.dumps(row) + "\n" for row in rows)
+  )
+
+
+def test_finetuning_and_upcycling_reads_results(tmp_path):
+  """Both sections on results of made-up numbers, some runs with a
+  metrics.jsonl: the tables, the lineage offset, the collapse flags and the
+  MoE-vs-dense gains, each checked against values computed here by hand."""
+  runs_dir = tmp_path / "runs"
+
+  def run(arm, summary, seed=0, workdir=None):
+    return {
+      "arm": arm,
+      "seed": seed,
+      "status": "finished",
+      "summary": summary,
+      "workdir": str(workdir or runs_dir / "absent" / arm),
+    }
+
+  # ---- upcycle at cpu scale: D = 1200, E = 800. The upcycled run logs
+  # steps 10, 20, 30 of its own; its MaxVio per layer is made up.
+  upcycled = runs_dir / "upcycled"
+  _write_log(
+    upcycled,
+    [
+      {
+        "step": step,
+        "train/lm_loss": 2.5 - step / 100,
+        "train/moe/layer_01/max_violation": v1,
+        "train/moe/layer_03/max_violation": v3,
+      }
+      for step, v1, v3 in ((10, 0.25, 1.5), (20, 0.5, 1.25), (30, 2.0, 0.75))
+    ]
+    + [{"step": 30, "eval/lm_loss": 2.2}],
+  )
+  up = {
+    "suite": "upcycle",
+    "scale": "cpu",
+    "runs": [
+      run("dense_pretrain", {"eval_loss": 2.4, "eval_step": 1200}),
+      run("dense_continue", {"eval_loss": 2.3, "eval_step": 800}),
+      run(
+        "upcycled",
+        {
+          "eval_loss": 2.2,
+          "eval_step": 800,
+          "max_violation_global": 0.5,
+          "max_violation_global_worst": 0.75,
+        },
+        workdir=upcycled,
+      ),
+    ],
+    "claims": [
+      _claim_row(
+        "U1",
+        "eval_loss",
+        "upcycled",
+        "dense_continue",
+        "reproduced",
+        left_mean=2.2,
+        left_std=0.0,
+        right_mean=2.3,
+        right_std=0.0,
+        difference=0.1,
+        threshold=0.01,
+      ),
+      _claim_row("U2", "eval_loss", "upcycled", "moe_scratch", "not run"),
+    ],
+  }
+
+  # ---- finetune at cpu scale, E = 8: moe_ft has two seeds; moe_ft_noaux's
+  # log crosses the collapse line (largest share 0.5 at E = 8, K = 1) at
+  # steps 20, 30, 40 (3 rows in a row: collapsed from step 20), moe_ft's
+  # once only (not collapsed).
+  def shares(top):
+    return [top] + [(1 - top) / 7] * 7
+
+  for arm, tops in (
+    ("moe_ft", (0.25, 0.625, 0.25, 0.25)),
+    ("moe_ft_noaux", (0.25, 0.625, 0.75, 0.875)),
+  ):
+    _write_log(
+      runs_dir / arm,
+      [
+        {
+          "step": step,
+          "train/lm_loss": 2.0,
+          "train/moe/layer_01/expert_fraction": shares(top),
+          "train/moe/layer_03/expert_fraction": shares(0.125),
+        }
+        for step, top in zip((10, 20, 30, 40), tops)
+      ],
+    )
+  _write_log(runs_dir / "dense_ft", [{"step": 10, "train/lm_loss": 2.0}])
+  moe = {"max_violation_global": 1.0, "max_violation_global_worst": 3.0}
+  ft = {
+    "suite": "finetune",
+    "scale": "cpu",
+    "runs": [
+      run("moe_pretrain", {"eval_loss": 2.0, **moe}),
+      run("dense_pretrain", {"eval_loss": 2.25}),
+      run("moe_ft", {"eval_loss": 1.5, **moe}, workdir=runs_dir / "moe_ft"),
+      run("moe_ft", {"eval_loss": 1.7, **moe}, seed=1),
+      run(
+        "moe_ft_noaux",
+        {
+          "eval_loss": 1.6,
+          "max_violation_global": 2.0,
+          "max_violation_global_worst": 5.0,
+        },
+        workdir=runs_dir / "moe_ft_noaux",
+      ),
+      run("dense_ft", {"eval_loss": 1.8}, workdir=runs_dir / "dense_ft"),
+      run("moe_it_multi", {"eval_loss": 1.25, "eval_loss@code_body": 1.0}),
+      run("dense_it_multi", {"eval_loss": 1.5, "eval_loss@code_body": 1.5}),
+      run("moe_it_single", {"eval_loss": 1.25}),
+      run("dense_it_single", {"eval_loss": 1.0}),
+    ],
+    "claims": [
+      _claim_row(
+        "F4",
+        "max_violation",
+        "moe_ft_noaux",
+        "moe_ft",
+        "inconclusive",
+        left_mean=float("nan"),
+        right_mean=float("nan"),
+        difference=float("nan"),
+        threshold=float("nan"),
+      ),
+      _claim_row("F5", "eval_loss", "moe_ft", "dense_ft", "not reproduced"),
+    ],
+  }
+  for name, results in (("upcycle", up), ("finetune", ft)):
+    (tmp_path / "results" / name).mkdir(parents=True)
+    (tmp_path / "results" / name / "results.json").write_text(
+      json.dumps(results)
+    )
+  text = _execute(
+    NOTEBOOKS / "07_finetuning_and_upcycling.py",
+    tmp_path,
+    {"RESULTS_DIR": str(tmp_path / "results")},
+  )
+  assert "has not been run yet" not in text
+  assert "upcycle: scale 'cpu', 3 runs (3 finished)" in text
+  assert "finetune: scale 'cpu', 10 runs (10 finished)" in text
+  assert _claim_lines(text) == {
+    "U1": "reproduced",
+    "U2": "not run",
+    "F4": "inconclusive",
+    "F5": "not reproduced",
+  }
+  # The caveat shows where a claim did not show, not where it did.
+  assert "caveat of F4" in text and "caveat of F5" in text
+  assert "caveat of U1" not in text and "caveat of U2" not in text
+  # No summary holds F4's metric: said so.
+  assert "F4: no run's summary has 'max_violation'" in text
+  # Upcycle table: the continuations end at lineage step D + E = 2000.
+  assert re.search(
+    r"^ *upcycled +1 +2000 +2\.2000 .* 0\.5000 +0\.7500", text, re.M
+  )
+  assert re.search(r"^ *moe_scratch +0 +- +not run", text, re.M)
+  # The last evaluations on the lineage axis: 1200 + 800.
+  assert "upcycled: last eval at lineage step 2000: 2.2000" in text
+  assert "dense_pretrain: last eval at lineage step 1200: 2.4000" in text
+  # MaxVio per layer, shifted by D = 1200.
+  assert (
+    "upcycled layer_01: MaxVio 0.250 at lineage step 1210, 2.000 at 1230"
+    in text
+  )
+  assert (
+    "upcycled layer_03: MaxVio 1.500 at lineage step 1210, 0.750 at 1230"
+    in text
+  )
+  assert "upcycle: metrics.jsonl found for 1 of 3 runs" in text
+  assert "finetune: metrics.jsonl found for 3 of 10 runs" in text
+  # Finetune table. moe_ft: mean(1.5, 1.7) = 1.6, std (ddof 1) = 0.1414;
+  # largest share at the worst layer (1 + 3) / 8 = 0.5 (noaux: 6 / 8);
+  # seed 0 has a log (not collapsed), seed 1 none ("?").
+  assert re.search(
+    r"^ *moe_ft +moe_pretrain +2 +1\.6000 ± 0\.1414 +- +- +1\.0000 ± 0\.0000 "
+    r"+3\.0000 ± 0\.0000 +0\.5000 ± 0\.0000 +- +no,\?$",
+    text,
+    re.M,
+  )
+  assert re.search(
+    r"^ *moe_ft_noaux +moe_pretrain +1 +1\.6000 +- +- +2\.0000 +5\.0000 "
+    r"+0\.7500 +- +layer_01@20$",
+    text,
+    re.M,
+  )
+  # A dense arm has no MoE layer: "-", with or without a log.
+  assert re.search(r"^ *dense_ft +dense_pretrain +1 +1\.8000 .* -$", text, re.M)
+  assert re.search(r"^ *dense_pretrain +- +1 +2\.2500 .* -$", text, re.M)
+  assert re.search(r"^ *moe_pretrain +- +1 +2\.0000 .* \?$", text, re.M)
+  assert re.search(r"^ *moe_ft_edrop +moe_pretrain +0 +not run", text, re.M)
+  # Largest shares over fine-tuning, first and last logged step.
+  assert (
+    "moe_ft layer_01: largest share 0.250 at step 10, 0.250 at step 40" in text
+  )
+  assert (
+    "moe_ft_noaux layer_01: largest share 0.250 at step 10, 0.875 at step 40"
+    in text
+  )
+  assert "moe_ft layer_03: largest share 0.125 at step 10" in text
+  # Gains, dense - MoE: pretrained 2.25 - 2.0; single 1.0 - 1.25; multi on
+  # code_body 1.5 - 1.0; multi on all 1.5 - 1.25; extra 0.5 - (-0.25).
+  for title, gain in (
+    ("pretrained (code + prose)", "0.2500"),
+    ("single-task on code_body (I2)", "-0.2500"),
+    ("multi-task, on code_body (I3)", "0.5000"),
+    ("multi-task, all 5 tasks (I1)", "0.2500"),
+  ):
+    assert re.search(
+      rf"^{re.escape(title)}: dense .* = MoE gain {re.escape(gain)} ",
+      text,
+      re.M,
+    ), title
+  assert "(multi - single): 0.7500" in text
