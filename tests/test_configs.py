@@ -3,12 +3,10 @@
 import importlib.util
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import pytest
+import tiny  # (pytest puts tests/ on sys.path)
 
-from moe_jax import data, routing, train
-from moe_jax.models import TransformerConfig, TransformerLM
+from moe_jax import routing, train
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name != "base.py")
@@ -65,38 +63,6 @@ def test_config_trains_two_steps(path, tmp_path_factory):
 MOE_CONFIGS = [p for p in CONFIGS if load(p).get_config().model.moe.num_experts]
 
 
-def _forward_flops(config, batch_size):
-  """XLA's count of the FLOPs of one training-mode forward pass (compiled
-  HLO, `Compiled.cost_analysis()`: a dict in jax 0.10) at the config's
-  widths, on `batch_size` sequences of its length."""
-  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
-  tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)
-  rngs = {k: jax.random.key(0) for k in ("params", "jitter", "routing")}
-  variables = jax.eval_shape(lambda: model.init(rngs, tokens))
-
-  def forward(variables, tokens):
-    logits, _ = model.apply(
-      variables,
-      tokens,
-      deterministic=False,
-      rngs=rngs,
-      mutable=["router_state", "aux_loss", "moe_metrics", "intermediates"],
-    )
-    return logits
-
-  # The FLOPs are counted on the optimised HLO; LLVM's optimisation level
-  # (machine code only) does not change them and saves a third of the time.
-  compiled = (
-    jax.jit(forward)
-    .lower(variables, tokens)
-    .compile(compiler_options={"xla_backend_optimization_level": 0})
-  )
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
-    (analysis,) = analysis
-  return float(analysis["flops"]), model.config
-
-
 @pytest.mark.parametrize("path", MOE_CONFIGS, ids=lambda p: p.stem)
 def test_dense_twin_is_flop_matched(path):
   """`--config.model.moe.num_experts=0` turns an MoE config into its dense
@@ -139,8 +105,8 @@ def test_dense_twin_is_flop_matched(path):
   twin = config.copy_and_resolve_references()
   twin.model.moe.num_experts = 0
   B = 2
-  moe_flops, cfg = _forward_flops(config, B)
-  twin_flops, twin_cfg = _forward_flops(twin, B)
+  moe_flops, cfg = tiny.xla_forward_flops(config, B)
+  twin_flops, twin_cfg = tiny.xla_forward_flops(twin, B)
 
   T, D, E = B * config.data.seq_len, cfg.d_model, moe.num_experts
   layers = sum(cfg.is_moe_block(i) for i in range(cfg.num_layers))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny  # (pytest puts tests/ on sys.path)
 
 from moe_jax import cost, data
 from moe_jax.models import TransformerConfig, TransformerLM
@@ -130,34 +131,6 @@ def test_count_equals_flax_init(name, arg, moe):
 # ---- forward FLOPs against XLA's count -----------------------------------
 
 
-def _xla_forward_flops(config, batch_size):
-  """XLA's FLOPs of one forward pass (as tests/test_configs.py)."""
-  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
-  tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)
-  rngs = {k: jax.random.key(0) for k in ("params", "jitter", "routing")}
-  variables = jax.eval_shape(lambda: model.init(rngs, tokens))
-
-  def forward(variables, tokens):
-    logits, _ = model.apply(
-      variables,
-      tokens,
-      deterministic=False,
-      rngs=rngs,
-      mutable=["router_state", "aux_loss", "moe_metrics", "intermediates"],
-    )
-    return logits
-
-  compiled = (
-    jax.jit(forward)
-    .lower(variables, tokens)
-    .compile(compiler_options={"xla_backend_optimization_level": 0})
-  )
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    (analysis,) = analysis
-  return float(analysis["flops"])
-
-
 @pytest.mark.parametrize("name", ["dense", "switch_top1"])
 def test_forward_flops_match_xla(name):
   """Matmuls + attention at the config's widths (2 blocks, the second one
@@ -181,7 +154,7 @@ def test_forward_flops_match_xla(name):
       + cost.attention_flops_per_token(arch, L)
     )
   )
-  xla = _xla_forward_flops(config, B)
+  xla, _ = tiny.xla_forward_flops(config, B)
   assert 0 <= 1 - ours / xla < 0.04, (ours, xla)
 
 

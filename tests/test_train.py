@@ -93,7 +93,9 @@ class _CrashingIterator:
     self.inner.set_state(state)
 
 
-def _final_params(workdir, config):
+def _final_params(workdir, config, step=None):
+  """The (train state, data state) of `workdir`'s checkpoint at `step`
+  (None: the newest)."""
   from moe_jax.checkpoint import Checkpointer
   from moe_jax.models import TransformerConfig, TransformerLM
 
@@ -105,7 +107,7 @@ def _final_params(workdir, config):
   ckpt = Checkpointer(
     f"{workdir}/checkpoints", max_to_keep=5, save_interval_steps=1
   )
-  state, data_state = ckpt.restore(template)
+  state, data_state = ckpt.restore(template, step)
   ckpt.close()
   return state, data_state
 
@@ -576,19 +578,7 @@ def _poison(monkeypatch, bad):
 
 
 def _state_at(workdir, config, step):
-  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
-  tx, _ = train.make_optimizer(config.optimizer, config.train.num_steps)
-  template = train.init_state(
-    config, model, tx, data.create_eval_batches(config.data)[0]
-  )
-  from moe_jax.checkpoint import Checkpointer
-
-  ckpt = Checkpointer(
-    f"{workdir}/checkpoints", max_to_keep=5, save_interval_steps=1
-  )
-  state, _ = ckpt.restore(template, step)
-  ckpt.close()
-  return state
+  return _final_params(workdir, config, step)[0]
 
 
 def _assert_trees_equal(a, b):

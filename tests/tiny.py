@@ -1,7 +1,10 @@
 """Shrinks a run config to seconds of CPU and trains it briefly; shared by
-tests/test_train.py and tests/test_router_training.py."""
+tests/test_train.py and tests/test_router_training.py. Also XLA's FLOP
+count of a config's forward pass (tests/test_configs.py, tests/test_cost.py).
+"""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import data, train
@@ -45,3 +48,36 @@ def train_briefly(config, num_steps):
     rows.append(logged)
     batch = next(batches)
   return [jax.tree.map(np.asarray, row) for row in jax.device_get(rows)]
+
+
+def xla_forward_flops(config, batch_size):
+  """XLA's count of the FLOPs of one training-mode forward pass (compiled
+  HLO, `Compiled.cost_analysis()`: a dict in jax 0.10) at the config's
+  widths, on `batch_size` sequences of its length. Returns (FLOPs, the
+  model's TransformerConfig)."""
+  model = TransformerLM(TransformerConfig.from_config(config, data.VOCAB_SIZE))
+  tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)
+  rngs = {k: jax.random.key(0) for k in ("params", "jitter", "routing")}
+  variables = jax.eval_shape(lambda: model.init(rngs, tokens))
+
+  def forward(variables, tokens):
+    logits, _ = model.apply(
+      variables,
+      tokens,
+      deterministic=False,
+      rngs=rngs,
+      mutable=["router_state", "aux_loss", "moe_metrics", "intermediates"],
+    )
+    return logits
+
+  # The FLOPs are counted on the optimised HLO; LLVM's optimisation level
+  # (machine code only) does not change them and saves a third of the time.
+  compiled = (
+    jax.jit(forward)
+    .lower(variables, tokens)
+    .compile(compiler_options={"xla_backend_optimization_level": 0})
+  )
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
+    (analysis,) = analysis
+  return float(analysis["flops"]), model.config
