@@ -367,21 +367,26 @@ def values_of(
     ValueError: with `required` (a claim's metric), a finished run's summary
       lacks `metric`: the claim names a metric that evaluation does not
       produce, and would read "inconclusive" whatever the runs measured. A
-      run that did not finish (a diverged run has no loss) reads NaN.
+      run that did not finish (a diverged run has no loss) and a value of
+      None (tokens/s without a timed interval) read NaN.
   """
   out = []
   for run in results["runs"]:
     if run["arm"] != arm:
       continue
     summary = run["summary"]
+    missing = False
     if metric in derived:
       try:
         value = derived[metric](summary)
-      except (KeyError, TypeError):
+      except KeyError:
+        value, missing = None, True
+      except TypeError:  # a value of None (e.g. no timed interval)
         value = None
     else:
       value = summary.get(metric)
-    if value is None and required and run.get("status") == "finished":
+      missing = metric not in summary
+    if missing and required and run.get("status") == "finished":
       raise ValueError(
         f"metric {metric!r} is not in the summary of the finished run "
         f"{arm} seed {run.get('seed')}; its metrics: {sorted(summary)}."

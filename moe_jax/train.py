@@ -849,8 +849,11 @@ def _existing_ancestor(path: str) -> str:
 
 
 def _directory_bytes(path: str) -> int:
+  """Bytes of the files under `path`, leaving out `*.corrupt` checkpoints
+  (set aside, never deleted: no room for the run)."""
   total = 0
-  for root, _, files in os.walk(path):
+  for root, dirs, files in os.walk(path):
+    dirs[:] = [d for d in dirs if ".corrupt" not in d]
     for name in files:
       with contextlib.suppress(OSError):
         total += os.lstat(os.path.join(root, name)).st_size
@@ -866,9 +869,9 @@ def check_disk_space(
   train.keep_checkpoint_steps, and writes one more before orbax deletes
   the oldest, each `checkpoint_bytes`; plus DISK_MARGIN_BYTES for the
   logs. The checkpoints already in <workdir>/checkpoints count as room (a
-  resumed run replaces them).
+  resumed run replaces them), those moved aside as `*.corrupt` do not.
   """
-  keep_steps = len(train_config.get("keep_checkpoint_steps", ()))
+  keep_steps = len(set(train_config.get("keep_checkpoint_steps", ())))
   copies = train_config.max_checkpoints_to_keep + keep_steps + 1
   needed = copies * checkpoint_bytes + DISK_MARGIN_BYTES
   free = shutil.disk_usage(_existing_ancestor(workdir)).free

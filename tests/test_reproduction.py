@@ -559,3 +559,27 @@ def test_a_claim_metric_no_finished_run_has_is_an_error():
   }
   (row,) = reproduce.decide(suite, results)
   assert row["verdict"] == "inconclusive"
+
+
+def test_a_claim_metric_of_none_reads_nan_not_an_error():
+  """tokens/s is None when a run has no timed interval: the claim is
+  inconclusive, the sweep goes on."""
+  suite = Suite(
+    "s",
+    "t",
+    "q",
+    lambda scale: [Arm("a", ""), Arm("b", "")],
+    {"smoke": 1},
+    [Claim("k", "t", "s", "p", "tokens_per_second", "a", "b", ">", 0.1)],
+  )
+  runs = [
+    {
+      "arm": arm,
+      "seed": 0,
+      "status": "finished",
+      "summary": {"tokens_per_second": None},
+    }
+    for arm in ("a", "b")
+  ]
+  (row,) = reproduce.decide(suite, {"runs": runs})
+  assert row["verdict"] == "inconclusive"
