@@ -160,7 +160,8 @@ for name, result in results.items():
         metrics.setdefault(metric, []).append(row["claim"]["id"])
   if not metrics:
     continue
-  colors = dict(zip(arms, plt.get_cmap("tab10").colors))
+  palette = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20").colors
+  colors = dict(zip(arms, palette))  # the finetune suite has 13 arms
   columns = min(len(metrics), 3)
   rows = -(-len(metrics) // columns)
   fig, axes = plt.subplots(
