@@ -521,42 +521,36 @@ def test_depend_waits_for_an_unfinished_source(tmp_path, monkeypatch, capsys):
   assert "upcycled seed 0 waits: the run it starts from, dense_pretrain" in out
 
 
-def test_a_claim_metric_no_finished_run_has_is_an_error():
-  """A claim reading a metric that evaluation does not write would read
-  "inconclusive" whatever the runs measured (F4 once read `max_violation`,
-  which only training logs): decide() names it. A diverged run has no
-  values and stays a result."""
-  suite = Suite(
+def _two_arm_suite(metric, predicted="<"):
+  """Arms a and b and one claim on `metric`."""
+  return Suite(
     "s",
     "t",
     "q",
     lambda scale: [Arm("a", ""), Arm("b", "")],
     {"smoke": 1},
-    [Claim("k", "t", "s", "p", "max_violation", "a", "b", "<", 0.1)],
+    [Claim("k", "t", "s", "p", metric, "a", "b", predicted, 0.1)],
   )
+
+
+def _run(arm, status="finished", **summary):
+  return {"arm": arm, "seed": 0, "status": status, "summary": summary}
+
+
+def test_a_claim_metric_no_finished_run_has_is_an_error():
+  """A claim reading a metric that evaluation does not write would read
+  "inconclusive" whatever the runs measured (F4 once read `max_violation`,
+  which only training logs): decide() names it. A diverged run has no
+  values and stays a result."""
+  suite = _two_arm_suite("max_violation")
   summary = {"eval_loss": 2.0, "max_violation_global": 0.5}
-  results = {
-    "runs": [
-      {"arm": "a", "seed": 0, "status": "finished", "summary": summary},
-      {"arm": "b", "seed": 0, "status": "finished", "summary": summary},
-    ]
-  }
+  results = {"runs": [_run("a", **summary), _run("b", **summary)]}
   with pytest.raises(ValueError, match="'max_violation'.*finished run a"):
     reproduce.decide(suite, results)
-  results["runs"][0] = {
-    "arm": "a",
-    "seed": 0,
-    "status": "diverged",
-    "summary": {},
-  }
+  results["runs"][0] = _run("a", "diverged")
   with pytest.raises(ValueError, match="finished run b"):
     reproduce.decide(suite, results)
-  results["runs"][1] = {
-    "arm": "b",
-    "seed": 0,
-    "status": "diverged",
-    "summary": {},
-  }
+  results["runs"][1] = _run("b", "diverged")
   (row,) = reproduce.decide(suite, results)
   assert row["verdict"] == "inconclusive"
 
@@ -564,22 +558,7 @@ def test_a_claim_metric_no_finished_run_has_is_an_error():
 def test_a_claim_metric_of_none_reads_nan_not_an_error():
   """tokens/s is None when a run has no timed interval: the claim is
   inconclusive, the sweep goes on."""
-  suite = Suite(
-    "s",
-    "t",
-    "q",
-    lambda scale: [Arm("a", ""), Arm("b", "")],
-    {"smoke": 1},
-    [Claim("k", "t", "s", "p", "tokens_per_second", "a", "b", ">", 0.1)],
-  )
-  runs = [
-    {
-      "arm": arm,
-      "seed": 0,
-      "status": "finished",
-      "summary": {"tokens_per_second": None},
-    }
-    for arm in ("a", "b")
-  ]
+  suite = _two_arm_suite("tokens_per_second", ">")
+  runs = [_run(arm, tokens_per_second=None) for arm in ("a", "b")]
   (row,) = reproduce.decide(suite, {"runs": runs})
   assert row["verdict"] == "inconclusive"
