@@ -21,7 +21,10 @@ A suite is a run book in configs/reproduce/<suite>.py (see
      (`moe_jax.evaluate`), without retraining;
   4. rewrites <results>/<suite>/results.json, report.md (the verdict rule
      first, then the claims, the arms and the plots) and the PNG plots after
-     every arm, so a stopped sweep leaves a readable report.
+     every arm, so a stopped sweep leaves a readable report (at the smoke
+     scale, where an arm takes seconds, the plots are drawn once, at the
+     end). A sweep that finds every run done leaves the report as it is;
+     `--report_only` redraws it.
 
 Run it in the background for the cpu scale; stop and restart it at will.
 """
@@ -309,6 +312,8 @@ def run_suite(name: str, args) -> dict:
   results = load_results(results_path, name, args.scale)
   jobs = jobs_of(module, args.scale, args.seeds, Path(args.runs))
   done = {(r["arm"], r["seed"]) for r in results["runs"]}
+  # Whether report.md and the plots on disk show results.json as it is.
+  current = (out_dir / "report.md").exists() and not args.report_only
   if not args.report_only:
     if args.probe:
       print(f"predicted cost of {name} ({args.scale}):")
@@ -341,8 +346,14 @@ def run_suite(name: str, args) -> dict:
         ]
       )
       save_json(results_path, results)
-      write_report(suite, results, out_dir)  # readable after every arm
-  write_report(suite, results, out_dir)
+      # Readable after every arm; smoke arms take seconds, and drawing the
+      # plots after each would take longer than the arm: they wait.
+      current = args.scale != "smoke"
+      write_report(suite, results, out_dir, plots=current)
+  if current:
+    print(f"[{name}] report is current (--report_only redraws it)")
+  else:
+    write_report(suite, results, out_dir)
   return results
 
 
@@ -418,12 +429,16 @@ def _fmt(mean, std, seeds):
   return text + (f" ± {std:.{digits}f}" if seeds > 1 else "")
 
 
-def write_report(suite: Suite, results: dict, out_dir: Path):
+def write_report(
+  suite: Suite, results: dict, out_dir: Path, plots: bool = True
+):
+  """Decides the claims into results.json and writes report.md with its
+  plots (`plots=False`: without them, for a report rewritten mid-sweep)."""
   out_dir.mkdir(parents=True, exist_ok=True)
   decisions = decide(suite, results)
   results["claims"] = decisions
   save_json(out_dir / "results.json", results)
-  plots = write_plots(suite, results, out_dir)
+  plots = write_plots(suite, results, out_dir) if plots else []
   commits = sorted({r.get("commit", "?") for r in results["runs"]})
   lines = [
     f"# {suite.title}",
