@@ -203,4 +203,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (`python -m moe_jax.analysis`); each in 1 .. num_steps.
   config.train.keep_checkpoint_steps = ()
   config.train.progress_bar = True
+  # Draw <workdir>/summary.png (loss curves, expert load) when training ends;
+  # the smoke-scale reproductions turn it off (seconds per arm in CI).
+  config.train.summary_plot = True
   return config

@@ -76,7 +76,8 @@ The workdir receives config.json, run_info.json (git revision, versions),
 history.jsonl (later launches), metrics.jsonl, TensorBoard events,
 checkpoints/ (every train.checkpoint_every steps and the last one; the
 newest train.max_checkpoints_to_keep of them and those of
-train.keep_checkpoint_steps stay) and summary.png.
+train.keep_checkpoint_steps stay) and summary.png (unless
+train.summary_plot is False).
 
 On several devices, `--config.mesh.shape=(data,expert,model)` shards the run
 (`moe_jax.sharding`); with `--distributed` (and on one machine
@@ -820,9 +821,12 @@ def train_and_evaluate(
     tokens_per_second = reproduction.train_tokens_per_second(
       writers.read_metrics(workdir), config.to_dict()
     )
-    _print_summary(
-      last_eval, baseline, plotting.plot_run(workdir), tokens_per_second
+    plot_path = (
+      plotting.plot_run(workdir)
+      if config.train.summary_plot
+      else "none (train.summary_plot=False)"
     )
+    _print_summary(last_eval, baseline, plot_path, tokens_per_second)
   return last_eval
 
 

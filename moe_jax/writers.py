@@ -258,6 +258,7 @@ SAFE_CHANGES = (
   "train.max_checkpoints_to_keep",
   "train.keep_checkpoint_steps",
   "train.progress_bar",
+  "train.summary_plot",
   "mesh.shape",
   "mesh.expert_parallel",
   "mesh.logical_axis_rules",

@@ -328,6 +328,12 @@ def test_smoke_all_suites(tmp_path):
     )
   for name in ("upcycle", "finetune"):
     _check_sources_trained_first(name, tmp_path)
+  # Smoke arms skip the trainer's summary.png (train.summary_plot=False).
+  workdirs = [p.parent for p in (tmp_path / "runs").rglob("metrics.jsonl")]
+  results = [tmp_path / "results" / n / "results.json" for n in SUITES]
+  runs = sum(len(json.loads(p.read_text())["runs"]) for p in results)
+  assert len(workdirs) >= runs
+  assert not [w for w in workdirs if (w / "summary.png").exists()]
   written = {
     p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.*")
   }

@@ -67,6 +67,7 @@ def apply_scale(
   config.train.checkpoint_every = max(min(200, num_steps), 1)
   config.train.max_checkpoints_to_keep = 1
   config.train.progress_bar = scale != "smoke"
+  config.train.summary_plot = scale != "smoke"
   return config
 
 
