@@ -142,6 +142,9 @@ def unit(metric):
   return metric
 
 
+# 72 dpi keeps the ten suites' figures, and the committed notebook, under
+# 1 MB (tests/test_notebooks.py).
+plt.rcParams["figure.dpi"] = 72
 for name, result in results.items():
   suite = suites.get(name)
   derived = suite.derived if suite else {}
