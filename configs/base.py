@@ -204,6 +204,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoint_steps = ()
   config.train.progress_bar = True
   # Draw <workdir>/summary.png (loss curves, expert load) when training ends;
-  # the smoke-scale reproductions turn it off (seconds per arm in CI).
+  # the smoke-scale reproductions turn it off (about 0.75 s per arm).
   config.train.summary_plot = True
   return config
